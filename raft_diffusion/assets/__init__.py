@@ -1,0 +1,25 @@
+"""Packaged demo models. A path written ``demo:NAME`` in a config means ``assets/demo/NAME``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+PREFIX = "demo:"
+
+
+class MissingAssetError(FileNotFoundError):
+    pass
+
+
+def resolve(path_or_id: str) -> str:
+    """Map ``demo:NAME`` to the packaged asset; anything else is returned unchanged."""
+    if not isinstance(path_or_id, str) or not path_or_id.startswith(PREFIX):
+        return path_or_id
+    name = path_or_id[len(PREFIX):].strip("/")
+    path = DEMO_DIR / name
+    if not path.exists():
+        raise MissingAssetError(
+            f"demo asset {path_or_id!r} is not built ({path} missing); run: python scripts/build_demo_assets.py"
+        )
+    return str(path)

@@ -1,0 +1,384 @@
+"""The run configuration: dataclasses loaded from YAML and overridden by dotted ``key=value`` pairs.
+
+Every key is declared and documented here; an unknown key, a wrong type or an impossible value is
+refused with a one-line :class:`ConfigError` before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported in one line that names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"  # run folder name under output_dir
+    output_dir: str = "runs"  # parent folder of run folders
+    seed: int = 0  # every random draw of the run derives from it (prompts, candidates, training)
+    stages: int = 4  # number of generate -> score -> select -> fine-tune stages
+    keep_checkpoints: int = 0  # keep only the newest N stage checkpoints (0: keep all)
+    save_images: bool = True  # write stages/NNNNNN/grid.png (image runs)
+    grid_prompts: int = 4  # prompts shown in each stage grid
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4  # LoRA rank r; 0 trains the full model (LLM adapter only)
+    alpha: float = 4.0  # LoRA scaling numerator (scale = alpha / rank)
+    targets: list[str] = field(default_factory=list)  # module names; empty: the adapter's default
+    dropout: float = 0.0
+    text_encoder: bool = False  # diffusion: also put a LoRA on the text encoder(s)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "diffusion"  # diffusion | llm
+    pretrained: str = "demo:sd"  # hub id or local folder; demo:NAME is a packaged demo model
+    revision: Optional[str] = None  # hub revision
+    variant: Optional[str] = None  # weights variant, e.g. fp16
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16: weights of the frozen model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    init_lora: Optional[str] = None  # start from an exported LoRA folder instead of a fresh one
+    scheduler: str = "ddim"  # diffusion sampler: ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc, or a diffusers class name
+    safety_checker: bool = False  # diffusion: load and run the pipeline's safety checker
+    vae: Optional[str] = None  # diffusion: a separate VAE folder/id (e.g. an fp16-safe SDXL VAE)
+    chat_template: bool = False  # llm: wrap prompts with the tokenizer's chat template
+    trust_remote_code: bool = False  # llm: only when you trust the model repository
+
+
+@dataclass
+class SamplingConfig:
+    k: int = 4  # candidates per prompt
+    prompts_per_stage: int = 8  # prompts drawn per stage
+    batch_size: int = 16  # samples per model call (diffusion: images per UNet call, before CFG doubling)
+    seed_offset: int = 0  # added to candidate seeds (draw other candidates from the same run seed)
+    # diffusion
+    steps: int = 20  # denoising steps
+    guidance_scale: float = 7.5  # classifier-free guidance (1: off, half the cost)
+    eta: float = 0.0  # DDIM eta (0: deterministic; > 0 needed for log_ratio)
+    height: Optional[int] = None  # pixels; None: the model's default
+    width: Optional[int] = None
+    negative_prompt: str = ""
+    compile: bool = False  # torch.compile the UNet for sampling (static shapes)
+    # llm
+    temperature: float = 1.0  # the paper's lambda
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings; the response is cut before them
+
+
+@dataclass
+class SelectionConfig:
+    strategy: str = "local"  # local | global | local_then_global
+    keep: float = 0.25  # fraction kept: per prompt (local), of the batch (global), of the per-prompt best (local_then_global)
+    beta: float = 0.0  # KL-shaped ranking r - beta * log(p/p0); needs an adapter with log_ratio
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    steps_per_stage: int = 20  # optimizer steps per stage
+    batch_size: int = 4  # samples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # 0: no clipping
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    mixed_precision: str = "no"  # no | fp16 | bf16 (through accelerate)
+    gradient_checkpointing: bool = False
+    # diffusion
+    snr_gamma: float = 0.0  # min-SNR weighting gamma (0: off; 5 is the usual value)
+    caption_dropout: float = 0.0  # probability of training a sample on the empty prompt (keeps CFG working)
+    # llm
+    train_on_prompt: bool = False  # llm: also put loss on prompt tokens (LMFlow's RAFT does)
+
+
+@dataclass
+class PromptsConfig:
+    items: list[str] = field(default_factory=list)  # inline prompts
+    file: Optional[str] = None  # .txt (one per line, # comments) or .jsonl with a "prompt" field
+    builtin: Optional[str] = None  # cifar10 | simple_animals | demo_train | demo_eval | llm_demo_train | llm_demo_eval
+    eval_items: list[str] = field(default_factory=list)  # held-out prompts for eval_reward
+    eval_file: Optional[str] = None
+    eval_builtin: Optional[str] = None
+    shuffle: bool = True  # draw each stage's prompts from a shuffled order (seeded) instead of cycling in order
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # evaluate on held-out prompts every N stages, and before the first (0: never)
+    k: int = 2  # samples per eval prompt (fixed seeds, the same at every evaluation)
+    max_prompts: int = 0  # 0: all eval prompts
+    # Eval-only scorers, logged as eval_<name> but never used for selection
+    # (e.g. the demo world's gold scorers, or a held-out reward to watch over-optimisation).
+    metrics: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True  # write tb/ when tensorboard is installed
+    wandb: bool = False  # log to Weights & Biases when installed (project = run.name)
+    report: bool = True  # write report.html at the end
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    # Each entry: {name: registered reward, weight: float, args: {...}}
+    # or {target: "package.module:function", weight: float, args: {...}}.
+    rewards: list[dict] = field(default_factory=lambda: [{"name": "aesthetic", "weight": 1.0, "args": {"clip": "demo"}}])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def _hint(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and item_tp is str and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in types_:
+            raise ConfigError(f"unknown config key {full!r}{_hint(str(key), types_)}")
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{full}.")
+        elif key == "rewards" or key == "metrics":
+            kwargs[key] = _reward_specs(value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+_REWARD_KEYS = {"name", "target", "weight", "args"}
+
+
+def _reward_specs(value: Any, key: str) -> list[dict]:
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of {{name: ..., weight: ..., args: {{...}}}}")
+    specs = []
+    for i, spec in enumerate(value):
+        where = f"{key}[{i}]"
+        if isinstance(spec, str):  # shorthand: a reward name or a module:function target
+            spec = {"target": spec} if ":" in spec else {"name": spec}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a mapping with 'name' or 'target'")
+        for k in spec:
+            if k not in _REWARD_KEYS:
+                raise ConfigError(f"unknown config key '{where}.{k}'{_hint(str(k), _REWARD_KEYS)}")
+        if not spec.get("name") and not spec.get("target"):
+            raise ConfigError(f"{where}: needs 'name' (a registered reward) or 'target' ('module:function')")
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"{where}.weight: expected a finite number, got {weight!r}")
+        if spec.get("args") is not None and not isinstance(spec["args"], dict):
+            raise ConfigError(f"{where}.args: expected a mapping")
+        specs.append({**spec, "weight": float(weight), "args": dict(spec.get("args") or {})})
+    return specs
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML, so numbers, booleans and lists work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. run.stages=3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    data = load_yaml(path) if path else {}
+    return from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+_CHOICES = {
+    "model.kind": ("diffusion", "llm"),
+    "model.dtype": ("auto", "float32", "float16", "bfloat16"),
+    "selection.strategy": ("local", "global", "local_then_global"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: Config) -> None:
+    """Refuse impossible values, naming the key."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        _check(value in choices, f"{key}: {value!r} is not one of {', '.join(choices)}{_hint(str(value), choices)}")
+    _check(bool(c.run.name.strip()) and "/" not in c.run.name, f"run.name: {c.run.name!r} must be a plain folder name")
+    _check(c.run.stages >= 1, f"run.stages must be >= 1, got {c.run.stages}")
+    _check(c.run.keep_checkpoints >= 0, f"run.keep_checkpoints must be >= 0, got {c.run.keep_checkpoints}")
+    _check(c.run.seed >= 0, f"run.seed must be >= 0, got {c.run.seed}")
+    _check(c.model.lora.rank >= 0, f"model.lora.rank must be >= 0, got {c.model.lora.rank}")
+    _check(c.model.lora.rank > 0 or c.model.kind == "llm", "model.lora.rank must be >= 1 for diffusion models")
+    _check(0.0 <= c.model.lora.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {c.model.lora.dropout}")
+    s = c.sampling
+    _check(s.k >= 1, f"sampling.k must be >= 1, got {s.k}")
+    _check(s.prompts_per_stage >= 1, f"sampling.prompts_per_stage must be >= 1, got {s.prompts_per_stage}")
+    _check(s.batch_size >= 1, f"sampling.batch_size must be >= 1, got {s.batch_size}")
+    _check(s.steps >= 1, f"sampling.steps must be >= 1, got {s.steps}")
+    _check(s.guidance_scale >= 0, f"sampling.guidance_scale must be >= 0, got {s.guidance_scale}")
+    _check(0.0 <= s.eta <= 1.0, f"sampling.eta must be in [0, 1], got {s.eta}")
+    for dim in ("height", "width"):
+        value = getattr(s, dim)
+        _check(value is None or (value >= 8 and value % 8 == 0), f"sampling.{dim} must be a multiple of 8, got {value}")
+    _check(s.temperature > 0, f"sampling.temperature must be > 0, got {s.temperature}")
+    _check(0.0 < s.top_p <= 1.0, f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    _check(s.top_k >= 0, f"sampling.top_k must be >= 0, got {s.top_k}")
+    _check(s.max_new_tokens >= 1, f"sampling.max_new_tokens must be >= 1, got {s.max_new_tokens}")
+    _check(0 <= s.min_new_tokens <= s.max_new_tokens, "sampling.min_new_tokens must be in [0, max_new_tokens]")
+    sel = c.selection
+    _check(0.0 < sel.keep <= 1.0, f"selection.keep must be in (0, 1], got {sel.keep}")
+    _check(sel.beta >= 0 and math.isfinite(sel.beta), f"selection.beta must be >= 0, got {sel.beta}")
+    t = c.train
+    _check(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be > 0, got {t.lr}")
+    _check(t.steps_per_stage >= 0, f"train.steps_per_stage must be >= 0, got {t.steps_per_stage}")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    _check(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas must be two numbers in [0, 1)")
+    _check(t.snr_gamma >= 0, f"train.snr_gamma must be >= 0, got {t.snr_gamma}")
+    _check(0.0 <= t.caption_dropout < 1.0, f"train.caption_dropout must be in [0, 1), got {t.caption_dropout}")
+    _check(c.eval.every >= 0, f"eval.every must be >= 0, got {c.eval.every}")
+    _check(c.eval.k >= 1, f"eval.k must be >= 1, got {c.eval.k}")
+    _check(c.eval.max_prompts >= 0, f"eval.max_prompts must be >= 0, got {c.eval.max_prompts}")
+    _check(bool(c.rewards), "rewards: at least one reward is needed")
+    p = c.prompts
+    sources = [bool(p.items), p.file is not None, p.builtin is not None]
+    _check(sum(sources) <= 1, "prompts: give only one of items, file, builtin")
+    eval_sources = [bool(p.eval_items), p.eval_file is not None, p.eval_builtin is not None]
+    _check(sum(eval_sources) <= 1, "prompts: give only one of eval_items, eval_file, eval_builtin")

@@ -1,0 +1,408 @@
+"""The RAFT stage loop: draw prompts, generate, score, select, fine-tune, evaluate, checkpoint, log.
+
+Model-agnostic: the adapter owns the model, the reward owns scoring. Every random draw of the loop
+is a pure function of (run seed, stage), and the adapter saves its own RNG state, so a run
+resumed after its last complete checkpoint ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from raft_diffusion.adapters.base import Adapter, Candidate, has_log_ratio
+from raft_diffusion.core import dist
+from raft_diffusion.core.config import Config
+from raft_diffusion.core.prompts import load_prompts, stage_prompts
+from raft_diffusion.core.run_dir import STATE_FILE, RunDir, atomic_dir, stage_name
+from raft_diffusion.core.selection import ranking_scores, select
+from raft_diffusion.rewards.base import RewardError, WeightedReward, to_scores
+
+# Stage number used to derive evaluation seeds: the same held-out noise at every evaluation,
+# never equal to the noise of a training stage.
+EVAL_STAGE = 2**31 - 1
+
+
+def candidate_seeds(run_seed: int, stage: int, prompt_indices, k: int, offset: int = 0) -> list[int]:
+    """One seed per candidate, derived from (run seed, stage, prompt position, candidate index)."""
+    seeds = []
+    for p in prompt_indices:
+        for j in range(k):
+            state = np.random.SeedSequence([run_seed, offset, stage, p, j]).generate_state(2, np.uint32)
+            seeds.append(int(state[0]) << 31 | int(state[1]) >> 1)
+    return seeds
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run folder is resumable."""
+
+
+@dataclass
+class Scored:
+    rewards: torch.Tensor  # [N] the weighted total
+    parts: dict[str, torch.Tensor]  # each reward on its own, when there are several
+
+
+def _mean(x: torch.Tensor) -> float:
+    x = x[torch.isfinite(x)]
+    return float(x.mean()) if x.numel() else float("nan")
+
+
+def _std(x: torch.Tensor) -> float:
+    x = x[torch.isfinite(x)]
+    return float(x.std(unbiased=False)) if x.numel() > 1 else 0.0
+
+
+def _sem(x: torch.Tensor) -> float:
+    x = x[torch.isfinite(x)]
+    return float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Fraction of distinct word n-grams among all n-grams (higher is more diverse)."""
+    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def image_diversity(outputs: list, k: int) -> float:
+    """Mean pairwise RMS pixel distance (0-1 scale) among the K candidates of each prompt."""
+    distances = []
+    for start in range(0, len(outputs) - k + 1, k):
+        group = np.stack([np.asarray(o.convert("RGB").resize((32, 32)), dtype=np.float32) / 255 for o in outputs[start : start + k]])
+        flat = group.reshape(k, -1)
+        for a in range(k):
+            for b in range(a + 1, k):
+                distances.append(float(np.sqrt(np.mean((flat[a] - flat[b]) ** 2))))
+    return float(np.mean(distances)) if distances else 0.0
+
+
+def diversity(outputs: list, k: int) -> dict[str, float]:
+    if outputs and isinstance(outputs[0], str):
+        return {"distinct_2": distinct_n(outputs, 2)}
+    if outputs and hasattr(outputs[0], "convert") and k > 1:
+        return {"diversity": image_diversity(outputs, k)}
+    return {}
+
+
+class RaftLoop:
+    """Runs the stages of one RAFT run into a run folder."""
+
+    def __init__(
+        self,
+        config: Config,
+        adapter: Adapter,
+        reward: WeightedReward,
+        run_dir: RunDir,
+        eval_metrics: WeightedReward | None = None,
+        on_stage: Callable[..., None] | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.config = config
+        self.adapter = adapter
+        self.reward = reward
+        self.run_dir = run_dir
+        self.eval_metrics = eval_metrics
+        self.on_stage = on_stage  # e.g. writes the stage's image grid (main process only)
+        self.log = log if dist.is_main() else (lambda _msg: None)
+        self.train_prompts, self.eval_prompts = load_prompts(config.prompts)
+        if config.eval.max_prompts:
+            self.eval_prompts = self.eval_prompts[: config.eval.max_prompts]
+        if config.selection.beta > 0 and not has_log_ratio(adapter):
+            raise ValueError("selection.beta > 0 needs an adapter with log_ratio")
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self, start_after: int = 0) -> list[dict]:
+        """Run stages ``start_after + 1 .. run.stages``; a resumed run passes its last complete stage."""
+        cfg = self.config
+        records = []
+        with self._interruptible():
+            if start_after > 0:
+                self.adapter.load(self.run_dir.checkpoint_dir(start_after))
+                self.log(f"resumed after stage {start_after} from {self.run_dir.checkpoint_dir(start_after)}")
+            elif cfg.eval.every and self.eval_prompts and not any(r["stage"] == 0 for r in self.run_dir.read_metrics()):
+                start = time.perf_counter()
+                record = {"stage": 0, **self.evaluate(), "time_eval_s": time.perf_counter() - start}
+                if dist.is_main():
+                    self.run_dir.append_metrics(record)
+                self.log(format_stage_line(record))
+                records.append(record)
+            for stage in range(start_after + 1, cfg.run.stages + 1):
+                records.append(self.run_stage(stage))
+            self._export_final()
+        return records
+
+    def run_stage(self, stage: int) -> dict:
+        cfg = self.config
+        times: dict[str, float] = {}
+        stage_start = time.perf_counter()
+
+        # 1. Draw this stage's prompts; this process handles a contiguous share of them.
+        prompts = stage_prompts(self.train_prompts, cfg.sampling.prompts_per_stage, cfg.run.seed, stage, cfg.prompts.shuffle)
+        local = dist.shard(len(prompts))
+        k = cfg.sampling.k
+
+        # 2. Generate K candidates per prompt, each from its own seed.
+        with _timed(times, "generate"):
+            seeds = candidate_seeds(cfg.run.seed, stage, local, k, cfg.sampling.seed_offset)
+            candidates = self._generate([prompts[i] for i in local], k, seeds, first_prompt=local.start)
+
+        # 3. Score every candidate; gather the scores of all processes.
+        with _timed(times, "score"):
+            scored = self._score(candidates)
+            rewards = dist.concat_gathered(scored.rewards).view(len(prompts), k)
+            parts = {name: dist.concat_gathered(v) for name, v in scored.parts.items()}
+
+        # 4. Select, on every process identically.
+        with _timed(times, "select"):
+            log_ratio = None
+            if cfg.selection.beta > 0:
+                log_ratio = dist.concat_gathered(self.adapter.log_ratio(candidates).float()).view(len(prompts), k)
+            ranking = ranking_scores(rewards, log_ratio, cfg.selection.beta)
+            chosen_idx = select(ranking, cfg.selection.strategy, cfg.selection.keep)
+            if not chosen_idx:
+                raise RewardError("no candidate has a finite reward in this stage; check the reward function")
+            chosen = self._gather_chosen(candidates, chosen_idx, first=local.start * k)
+
+        # 5. Fine-tune on the chosen candidates with the ordinary supervised loss.
+        with _timed(times, "finetune"):
+            train_stats = self.adapter.finetune(chosen) if cfg.train.steps_per_stage > 0 else {}
+
+        # 6. Evaluate the updated model on the held-out prompts.
+        eval_record = {}
+        if cfg.eval.every and self.eval_prompts and (stage % cfg.eval.every == 0 or stage == cfg.run.stages):
+            with _timed(times, "eval"):
+                eval_record = self.evaluate()
+
+        flat = rewards.reshape(-1)
+        record = {
+            "stage": stage,
+            "reward_mean": _mean(flat),
+            "reward_std": _std(flat),
+            "reward_chosen_mean": _mean(flat[chosen_idx]),
+            "reward_policy": _mean(rewards[:, 0]),  # candidate 0 of each prompt: an unbiased policy estimate
+            "reward_max": float(flat[torch.isfinite(flat)].max()),
+            "n_candidates": int(flat.numel()),
+            "n_chosen": len(chosen_idx),
+            "n_nonfinite": int((~torch.isfinite(flat)).sum()),
+            **({f"reward_{n}_mean": _mean(v) for n, v in parts.items()} if len(parts) > 1 else {}),
+            **({"log_ratio_mean": _mean(log_ratio.reshape(-1))} if log_ratio is not None else {}),
+            **diversity([c.output for c in candidates], k),
+            **eval_record,
+            **{f"train_{key}": value for key, value in train_stats.items()},
+        }
+
+        # 7. Checkpoint (the stage counts as done once this folder is renamed into place).
+        with _timed(times, "checkpoint"):
+            self._save_stage_files(stage, prompts, candidates, rewards, chosen_idx, local.start)
+            record.update({f"time_{name}_s": round(sec, 4) for name, sec in times.items()})
+            record["time_stage_s"] = round(time.perf_counter() - stage_start, 4)
+            self._checkpoint(stage, record)
+
+        # 8. Log.
+        if dist.is_main():
+            self.run_dir.append_metrics(record)
+        self.log(format_stage_line(record, cfg.run.stages))
+        return record
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def _generate(self, prompts: list[str], k: int, seeds: list[int], first_prompt: int) -> list[Candidate]:
+        candidates = self.adapter.generate(prompts, k, seeds) if prompts else []
+        if len(candidates) != len(prompts) * k:
+            raise RuntimeError(f"adapter returned {len(candidates)} candidates for {len(prompts)} prompts x k={k}")
+        for i, cand in enumerate(candidates):
+            cand.prompt_index, cand.k_index = first_prompt + i // k, i % k
+        return candidates
+
+    def _score(self, candidates: list[Candidate], reward: WeightedReward | None = None) -> Scored:
+        reward = reward or self.reward
+        outputs = [c.output for c in candidates]
+        prompts = [c.prompt for c in candidates]
+        if not candidates:
+            return Scored(torch.zeros(0), {name: torch.zeros(0) for name, _, _ in reward.parts})
+        try:
+            parts = reward.score_parts(outputs, prompts)
+        except RewardError:
+            raise
+        except Exception as err:  # a user's reward failing is reported as the reward's error, in one line
+            raise RewardError(f"reward failed: {type(err).__name__}: {err}") from err
+        total = reward.combine(parts)
+        if not torch.isfinite(total).any():
+            raise RewardError(f"reward returned no finite score for any of {len(outputs)} outputs")
+        return Scored(total, parts)
+
+    def _gather_chosen(self, candidates: list[Candidate], chosen_idx: list[int], first: int) -> list[Candidate]:
+        """The chosen candidates, best first, on every process (training shards the batches)."""
+        mine = {i: candidates[i - first] for i in chosen_idx if first <= i < first + len(candidates)}
+        if dist.world_size() == 1:
+            return [mine[i] for i in chosen_idx]
+        light = {i: Candidate(c.prompt, c.seed, None, c.payload, c.prompt_index, c.k_index) for i, c in mine.items()}
+        everything: dict[int, Candidate] = {}
+        for part in dist.gather_objects(light):
+            everything.update(part)
+        return [everything[i] for i in chosen_idx]
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out prompts, fixed seeds: the same noise at every evaluation."""
+        cfg = self.config
+        k = cfg.eval.k
+        local = dist.shard(len(self.eval_prompts))
+        seeds = candidate_seeds(cfg.run.seed, EVAL_STAGE, local, k)
+        candidates = self._generate([self.eval_prompts[i] for i in local], k, seeds, first_prompt=local.start)
+        proxy = dist.concat_gathered(self._score(candidates).rewards).view(-1, k)
+        best = proxy.nan_to_num(nan=-math.inf).argmax(dim=1)  # best-of-k by the proxy, per prompt
+        record = {
+            "eval_reward": _mean(proxy),
+            "eval_reward_sem": _sem(proxy.reshape(-1)),
+            "eval_reward_best_of_k": _mean(proxy.gather(1, best[:, None])),
+        }
+        if self.eval_metrics is not None:
+            outputs, prompts = [c.output for c in candidates], [c.prompt for c in candidates]
+            for name, value in self.eval_metrics.score_parts(outputs, prompts).items():
+                value = dist.concat_gathered(value).view(-1, k)
+                record[f"eval_{name}"] = _mean(value)
+                record[f"eval_{name}_sem"] = _sem(value.reshape(-1))
+                record[f"eval_{name}_best_of_k"] = _mean(value.gather(1, best[:, None]))
+        record.update({f"eval_{key}": v for key, v in diversity([c.output for c in candidates], k).items()})
+        return record
+
+    def _save_stage_files(self, stage, prompts, candidates, rewards, chosen_idx, first_prompt) -> None:
+        if not dist.is_main():
+            return
+        import json
+
+        folder = self.run_dir.stage_dir(stage)
+        k = self.config.sampling.k
+        flat = rewards.reshape(-1)
+        lines = []
+        for rank, i in enumerate(chosen_idx):
+            entry = {"rank": rank, "prompt": prompts[i // k], "prompt_index": i // k, "k_index": i % k, "reward": float(flat[i])}
+            local = i - first_prompt * k
+            if 0 <= local < len(candidates):
+                entry["seed"] = candidates[local].seed
+                if isinstance(candidates[local].output, str):
+                    entry["output"] = candidates[local].output
+            lines.append(json.dumps(entry))
+        (folder / "chosen.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if self.on_stage is not None:
+            self.on_stage(stage=stage, folder=folder, prompts=prompts, candidates=candidates, rewards=rewards, chosen=chosen_idx, first_prompt=first_prompt)
+
+    def _checkpoint(self, stage: int, record: dict) -> None:
+        import json
+
+        target = self.run_dir.checkpoint_dir(stage)
+        tmp = target.with_name(f".tmp-{target.name}")
+        with _deferred_signals():
+            if dist.is_main():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    import shutil
+
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            dist.barrier()
+            self.adapter.save(tmp)
+            dist.barrier()
+            if dist.is_main():
+                (tmp / STATE_FILE).write_text(json.dumps({"stage": stage, "metrics": record}), encoding="utf-8")
+                tmp.rename(target)
+                self.run_dir.prune_checkpoints(self.config.run.keep_checkpoints)
+            dist.barrier()
+
+    def _export_final(self) -> None:
+        with _deferred_signals():
+            if dist.is_main():
+                with atomic_dir(self.run_dir.final) as tmp:
+                    self.adapter.export(tmp)
+            dist.barrier()
+        self.log(f"exported to {self.run_dir.final}")
+
+    # -- signals ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _interruptible(self):
+        """Turn SIGINT/SIGTERM into RunInterrupted (deferred while a checkpoint is being written)."""
+        if not _is_main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, _frame):
+            if _DEFER.active:
+                _DEFER.pending = signum
+                return
+            raise RunInterrupted(signal.Signals(signum).name)
+
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+class _Defer:
+    active = False
+    pending: int | None = None
+
+
+_DEFER = _Defer()
+
+
+@contextmanager
+def _deferred_signals():
+    """Finish what is being written before acting on SIGINT/SIGTERM."""
+    _DEFER.active, _DEFER.pending = True, None
+    try:
+        yield
+    finally:
+        _DEFER.active = False
+        if _DEFER.pending is not None:
+            signum, _DEFER.pending = _DEFER.pending, None
+            raise RunInterrupted(signal.Signals(signum).name)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def _timed(times: dict[str, float], name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+
+
+def format_stage_line(record: dict, stages: int | None = None) -> str:
+    """One concise line per stage: rewards (all / chosen / policy / eval), gold, seconds per phase."""
+    stage = record["stage"]
+    head = f"stage {stage}/{stages}" if stages and stage else ("initial eval" if stage == 0 else f"stage {stage}")
+    parts = [head]
+    if "reward_mean" in record:
+        parts.append(
+            f"reward {record['reward_mean']:.3f} chosen {record['reward_chosen_mean']:.3f} policy {record['reward_policy']:.3f}"
+        )
+    if "eval_reward" in record:
+        parts.append(f"eval {record['eval_reward']:.3f}")
+    for key, value in record.items():
+        if key.startswith("eval_") and key != "eval_reward" and not key.endswith(("_sem", "_best_of_k")) and isinstance(value, float):
+            parts.append(f"{key[5:]} {value:.3f}")
+    if "train_loss" in record:
+        parts.append(f"loss {record['train_loss']:.4f}")
+    timing = [f"{key[5:-2]} {value:.1f}s" for key, value in record.items() if key.startswith("time_") and key != "time_stage_s"]
+    if timing:
+        parts.append("(" + ", ".join(timing) + (f"; stage {record['time_stage_s']:.1f}s" if "time_stage_s" in record else "") + ")")
+    return " | ".join(parts)

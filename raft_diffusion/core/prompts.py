@@ -1,0 +1,115 @@
+"""Prompt sources: inline lists, text and JSONL files, built-in sets; and the per-stage draw."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# The paper's SD-1.5 experiment prompts with the ten CIFAR-10 class names.
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# DDPO's 45 common animals (ddpo-pytorch assets/simple_animals.txt).
+SIMPLE_ANIMALS = """cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox
+wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog chicken duck goose
+bee pig turkey fly llama camel bat gorilla hedgehog kangaroo""".split()
+
+
+class PromptError(ValueError):
+    """A prompt source that cannot be used (one-line message)."""
+
+
+def _demo_world(split: str) -> list[str]:
+    from raft_diffusion.demo import world
+
+    return world.train_prompts() if split == "train" else world.eval_prompts()
+
+
+def _text_world(split: str) -> list[str]:
+    from raft_diffusion.demo import text_world
+
+    return text_world.train_prompts() if split == "train" else text_world.eval_prompts()
+
+
+BUILTIN = {
+    "cifar10": lambda: list(CIFAR10),
+    "simple_animals": lambda: list(SIMPLE_ANIMALS),
+    "demo_train": lambda: _demo_world("train"),
+    "demo_eval": lambda: _demo_world("eval"),
+    "llm_demo_train": lambda: _text_world("train"),
+    "llm_demo_eval": lambda: _text_world("eval"),
+}
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line (blank lines and ``#`` comments skipped), or JSONL with a ``prompt`` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompt file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PromptError(f"prompt file {path} is not UTF-8 text (bad byte at offset {err.start})") from None
+    prompts = []
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise PromptError(f"{path}:{lineno}: not a JSON object") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise PromptError(f"{path}:{lineno}: needs a string field 'prompt'")
+            prompts.append(record["prompt"])
+    else:
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                prompts.append(line)
+    if not prompts:
+        raise PromptError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _source(items: list[str], file: str | None, builtin: str | None, what: str) -> list[str]:
+    if items:
+        return list(items)
+    if file:
+        return read_prompt_file(file)
+    if builtin:
+        if builtin not in BUILTIN:
+            import difflib
+
+            close = difflib.get_close_matches(builtin, list(BUILTIN), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (available: {', '.join(BUILTIN)})"
+            raise PromptError(f"{what}: unknown built-in prompt set {builtin!r}{hint}")
+        return BUILTIN[builtin]()
+    return []
+
+
+def load_prompts(cfg) -> tuple[list[str], list[str]]:
+    """Training and held-out prompts of a ``PromptsConfig``."""
+    train = _source(cfg.items, cfg.file, cfg.builtin, "prompts")
+    if not train:
+        raise PromptError("prompts: no prompts configured (set prompts.items, prompts.file or prompts.builtin)")
+    held_out = _source(cfg.eval_items, cfg.eval_file, cfg.eval_builtin, "prompts.eval")
+    return train, held_out
+
+
+def stage_prompts(prompts: list[str], n: int, seed: int, stage: int, shuffle: bool = True) -> list[str]:
+    """The ``n`` prompts of one stage: a pure function of (seed, stage), so a resumed run draws the same.
+
+    Prompts are taken in epochs: each pass over the prompt list is a fresh seeded permutation
+    (or the plain order without ``shuffle``), so every prompt is seen equally often.
+    """
+    start = stage * n
+    out = []
+    for position in range(start, start + n):
+        epoch, index = divmod(position, len(prompts))
+        if shuffle:
+            order = np.random.default_rng([seed, 7919, epoch]).permutation(len(prompts))
+            index = int(order[index])
+        out.append(prompts[index])
+    return out

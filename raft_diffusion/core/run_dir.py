@@ -1,0 +1,193 @@
+"""The run folder: layout, atomic writes, checkpoints, resume bookkeeping.
+
+    runs/<name>/config.yaml  metrics.jsonl  tb/  stages/000004/{chosen.jsonl,grid.png}
+                checkpoints/000004/ (complete, atomically renamed)  final/  report.html
+
+A stage is done only when its checkpoint folder was renamed into place. A run folder is only
+ever added to: nothing finished is deleted, except old checkpoints beyond ``keep_checkpoints``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+TMP_PREFIX = ".tmp-"
+STATE_FILE = "state.json"
+
+
+class RunDirError(ValueError):
+    """The run folder cannot be used as asked (one-line message)."""
+
+
+def stage_name(stage: int) -> str:
+    return f"{stage:06d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``path`` only if the block completes."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if path.exists():  # only a re-export of final/ replaces an existing folder
+        old = path.with_name(f"{TMP_PREFIX}old-{path.name}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    stages = property(lambda self: self.root / "stages")
+    final = property(lambda self: self.root / "final")
+    tb = property(lambda self: self.root / "tb")
+    report = property(lambda self: self.root / "report.html")
+
+    def stage_dir(self, stage: int) -> Path:
+        path = self.stages / stage_name(stage)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def checkpoint_dir(self, stage: int) -> Path:
+        return self.checkpoints / stage_name(stage)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def completed_stages(self) -> list[int]:
+        if not self.checkpoints.is_dir():
+            return []
+        done = []
+        for child in self.checkpoints.iterdir():
+            if child.name.isdigit() and (child / STATE_FILE).is_file():
+                done.append(int(child.name))
+        return sorted(done)
+
+    def last_stage(self) -> int:
+        """The last stage whose checkpoint is complete (0: none)."""
+        done = self.completed_stages()
+        return done[-1] if done else 0
+
+    def is_finished(self) -> bool:
+        return self.final.is_dir()
+
+    def has_progress(self) -> bool:
+        return self.is_finished() or bool(self.completed_stages()) or self.metrics.exists()
+
+    def clean_partial(self) -> list[Path]:
+        """Remove half-written checkpoint folders and temporary files left by a crash."""
+        removed = []
+        for folder in (self.checkpoints, self.root):
+            if not folder.is_dir():
+                continue
+            for child in folder.iterdir():
+                if child.name.startswith(TMP_PREFIX):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                    removed.append(child)
+        return removed
+
+    # -- preparing a run --------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Fail early (before any model loads) when the run folder cannot be written."""
+        parent = self.root
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RunDirError(f"cannot create run folder {self.root}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunDirError(f"run folder {self.root} is not writable (no write permission on {parent})")
+
+    def prepare(self, resume: bool, overwrite: bool) -> int:
+        """Make the folder ready; return the stage to continue after (0 for a fresh run)."""
+        self.check_writable()
+        if resume and overwrite:
+            raise RunDirError("give either --resume or --overwrite, not both")
+        if self.root.exists() and not self.root.is_dir():
+            raise RunDirError(f"run folder {self.root} exists and is not a folder")
+        if self.root.is_dir() and self.has_progress() and not resume:
+            if not overwrite:
+                what = "a finished run" if self.is_finished() else f"a run at stage {self.last_stage()}"
+                raise RunDirError(f"{self.root} already holds {what}; pass --resume to continue it or --overwrite to start over")
+            # Nothing finished is destroyed: the old run is moved aside, not deleted.
+            aside = self.root.with_name(f"{self.root.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.root, aside)
+            print(f"moved the previous run to {aside}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            return 0
+        self.clean_partial()
+        last = self.last_stage()
+        self.repair_metrics(last)
+        return last
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        records = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict) and isinstance(record.get("stage"), int):
+                records.append(record)
+        return records
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def repair_metrics(self, last_stage: int) -> None:
+        """One line per stage up to ``last_stage``: drop lines of unfinished stages and duplicates,
+        restore the line of a stage whose checkpoint landed just before a crash."""
+        by_stage: dict[int, dict] = {}
+        for record in self.read_metrics():
+            if record["stage"] <= last_stage:
+                by_stage[record["stage"]] = record
+        for stage in self.completed_stages():
+            if stage not in by_stage:
+                state = self.read_state(stage)
+                if state.get("metrics"):
+                    by_stage[stage] = state["metrics"]
+        text = "".join(json.dumps(by_stage[s]) + "\n" for s in sorted(by_stage))
+        if text or self.metrics.exists():
+            atomic_write_text(self.metrics, text)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def read_state(self, stage: int) -> dict:
+        return json.loads((self.checkpoint_dir(stage) / STATE_FILE).read_text(encoding="utf-8"))
+
+    def prune_checkpoints(self, keep: int) -> None:
+        if keep <= 0:
+            return
+        for stage in self.completed_stages()[:-keep]:
+            shutil.rmtree(self.checkpoint_dir(stage), ignore_errors=True)

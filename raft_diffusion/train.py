@@ -1,0 +1,75 @@
+"""The training recipe: one config in, one run folder out.
+
+    config -> run folder -> accelerator -> adapter -> rewards -> RaftLoop.run -> report
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raft_diffusion.core import dist
+from raft_diffusion.core.config import Config, save_config
+from raft_diffusion.core.loop import RaftLoop
+from raft_diffusion.core.prompts import load_prompts
+from raft_diffusion.core.run_dir import RunDir
+from raft_diffusion.rewards.base import build_reward
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def make_accelerator(config: Config):
+    from accelerate import Accelerator
+
+    device = resolve_device(config.model.device)
+    return Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        gradient_accumulation_steps=config.train.grad_accum,
+        cpu=device == "cpu",
+    )
+
+
+def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunDir:
+    """Run (or resume) the RAFT run that ``config`` describes; returns its run folder."""
+    # 1. Check everything that needs no model: prompts, the run folder.
+    load_prompts(config.prompts)
+    run_dir = RunDir(Path(config.run.output_dir) / config.run.name)
+    start_after = run_dir.prepare(resume=resume, overwrite=overwrite) if dist.is_main() else 0
+    start_after = dist.broadcast_object(start_after)
+    if dist.is_main():
+        save_config(config, run_dir.config)
+
+    # 2. Build the model, the rewards and the eval-only metrics.
+    accelerator = make_accelerator(config)
+    from raft_diffusion.adapters import build_adapter
+
+    adapter = build_adapter(config, accelerator)
+    device = str(accelerator.device)
+    reward = build_reward(config.rewards, device=device)
+    eval_metrics = build_reward(config.eval.metrics, device=device) if config.eval.metrics else None
+
+    # 3. Run the stages, then write the report.
+    from raft_diffusion.core import report
+
+    loop = RaftLoop(
+        config,
+        adapter,
+        reward,
+        run_dir,
+        eval_metrics=eval_metrics,
+        on_stage=report.StageImages(config) if config.run.save_images else None,
+        log=(lambda _msg: None) if quiet else print,
+    )
+    loop.run(start_after=start_after)
+    if dist.is_main() and config.log.report:
+        report.write_report(run_dir)
+    return run_dir
