@@ -1,0 +1,118 @@
+"""Image rewards: LAION aesthetic score, CLIP score, JPEG (in)compressibility, brightness.
+
+Each takes the generated images (PIL, RGB) and their prompts and returns float32 ``[N]``.
+The CLIP-based rewards load their model on first use, once; string arguments written
+``demo:NAME`` name packaged demo assets.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from aesthetic.loading import as_pil_images, parse_dtype
+from raft_diffusion.assets import resolve
+from raft_diffusion.rewards.base import register_reward
+
+
+def _resolve(value):
+    return resolve(value) if isinstance(value, str) else value
+
+
+class _ClipReward:
+    """Holds the arguments of a CLIP-based scorer and builds it on the first call."""
+
+    name = "clip"
+
+    def __init__(self, clip, pretrained, batch_size, dtype, device):
+        # Bad arguments and missing demo assets fail when the reward is built, not mid-run.
+        parse_dtype(dtype, device or "cpu")
+        if clip == "demo":
+            resolve("demo:clip")
+        if int(batch_size) < 1:
+            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
+        self.kwargs = dict(
+            clip=clip, pretrained=_resolve(pretrained), device=device, dtype=dtype, batch_size=int(batch_size)
+        )
+        self._scorer = None
+
+    def build(self):
+        raise NotImplementedError
+
+    @property
+    def scorer(self):
+        if self._scorer is None:
+            self._scorer = self.build()
+        return self._scorer
+
+
+@register_reward("aesthetic")
+class AestheticReward(_ClipReward):
+    """LAION aesthetic score (AVA scale 1-10). Defaults: OpenAI CLIP ViT-L/14 and the LAION head."""
+
+    name = "aesthetic"
+
+    def __init__(self, clip="ViT-L-14", pretrained="openai", head=None, batch_size=64, dtype=None, device=None):
+        super().__init__(clip, pretrained, batch_size, dtype, device)
+        self.head = _resolve(head)
+
+    def build(self):
+        from aesthetic.predictor import AestheticPredictor
+
+        return AestheticPredictor.from_pretrained(head=self.head, **self.kwargs)
+
+    def __call__(self, outputs: list, prompts: list[str]) -> torch.Tensor:
+        return self.scorer.score(outputs)
+
+
+@register_reward("clip_score")
+class ClipScoreReward(_ClipReward):
+    """CLIP score ``100 * max(cos(image, prompt), 0)``."""
+
+    name = "clip_score"
+
+    def __init__(self, clip="ViT-L-14", pretrained="openai", batch_size=64, dtype=None, device=None):
+        super().__init__(clip, pretrained, batch_size, dtype, device)
+
+    def build(self):
+        from aesthetic.clip_score import CLIPScore
+
+        return CLIPScore.from_pretrained(**self.kwargs)
+
+    def __call__(self, outputs: list, prompts: list[str]) -> torch.Tensor:
+        return self.scorer.score(outputs, prompts)
+
+
+def jpeg_size_kb(images) -> torch.Tensor:
+    """Size of each image saved as JPEG at quality 95, in kB (DDPO's compressibility measure)."""
+    sizes = []
+    for image in as_pil_images(images):
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes, dtype=torch.float32)
+
+
+@register_reward("jpeg_compressibility")
+def jpeg_compressibility():
+    """Negative JPEG size in kB: smaller files (simpler images) score higher."""
+    return lambda outputs, prompts: -jpeg_size_kb(outputs)
+
+
+@register_reward("jpeg_incompressibility")
+def jpeg_incompressibility():
+    """JPEG size in kB: larger files (more detailed images) score higher."""
+    return lambda outputs, prompts: jpeg_size_kb(outputs)
+
+
+@register_reward("brightness")
+def brightness():
+    """Mean pixel value in [0, 1] over all RGB channels."""
+
+    def score(outputs, prompts):
+        means = [np.asarray(image.convert("RGB"), dtype=np.float32).mean() / 255.0 for image in as_pil_images(outputs)]
+        return torch.tensor(means, dtype=torch.float32)
+
+    return score

@@ -1,0 +1,147 @@
+"""``raft-diffusion score``: score image files with any registered reward.
+
+    raft-diffusion score outputs/ extra.png --reward aesthetic --reward-args '{"clip": "demo"}' --out scores.csv
+
+Folders are searched recursively for png/jpg/jpeg/webp/bmp files. Files that cannot be read are
+reported on stderr and skipped. Exit status: 0 when at least one image was scored, 2 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+OUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
+CHUNK = 64  # images held in memory at once
+
+
+class ScoreError(ValueError):
+    """Bad arguments to the score command."""
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Add the score command's arguments to ``parser`` (a new parser if none is given)."""
+    parser = parser or argparse.ArgumentParser(prog="raft-diffusion score", description="Score image files with a reward.")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--reward", default="aesthetic", help="reward name or module:function (default: aesthetic)")
+    parser.add_argument("--reward-args", default="{}", help="reward arguments as a JSON object, e.g. '{\"clip\": \"demo\"}'")
+    parser.add_argument("--prompt", default="", help="prompt paired with every image (for rewards such as clip_score)")
+    parser.add_argument("--out", help="write scores to a .csv or .jsonl file (default: a table on stdout)")
+    parser.add_argument("--device", help="device for model-based rewards (default: cuda if available)")
+    return parser
+
+
+def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files named by ``paths`` (folders searched recursively), and ``(path, reason)`` for bad paths."""
+    files, errors, seen = [], [], set()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                errors.append((raw, "folder holds no png/jpg/jpeg/webp/bmp images"))
+        elif path.is_file():
+            found = [path]
+        else:
+            errors.append((raw, "no such file or folder"))
+            continue
+        for p in found:
+            if p.resolve() not in seen:
+                seen.add(p.resolve())
+                files.append(p)
+    return files, errors
+
+
+def _read_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _parse_reward_args(text: str) -> dict:
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ScoreError(f"--reward-args is not valid JSON ({err})") from None
+    if not isinstance(args, dict):
+        raise ScoreError(f"--reward-args must be a JSON object, got {type(args).__name__}")
+    return args
+
+
+def _spec(reward: str, args: dict) -> dict:
+    return {"target": reward, "args": args} if ":" in reward else {"name": reward, "args": args}
+
+
+def _write(rows: list[tuple[str, float]], out: str | None) -> None:
+    if out is None:
+        for path, score in rows:
+            print(f"{score:12.4f}  {path}")
+        return
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", newline="") as f:
+        if OUT_FORMATS[out_path.suffix.lower()] == "csv":
+            writer = csv.writer(f)
+            writer.writerow(["path", "score"])
+            writer.writerows(rows)
+        else:
+            for path, score in rows:
+                f.write(json.dumps({"path": path, "score": score}) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score the images ``args`` names; returns the exit status."""
+    from raft_diffusion.rewards.base import build_reward
+
+    if args.out is not None and Path(args.out).suffix.lower() not in OUT_FORMATS:
+        raise ScoreError(f"--out must end in .csv or .jsonl, got {args.out!r}")
+    reward_args = _parse_reward_args(args.reward_args)
+    files, errors = find_images(args.images)
+    for path, reason in errors:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    if not files:
+        print("error: no images to score", file=sys.stderr)
+        return 2
+    reward = build_reward([_spec(args.reward, reward_args)], args.device)
+
+    rows: list[tuple[str, float]] = []
+    n_bad = len(errors)
+    for start in range(0, len(files), CHUNK):
+        paths, images = [], []
+        for path in files[start : start + CHUNK]:
+            try:
+                images.append(_read_image(path))
+                paths.append(path)
+            except Exception as err:  # any decoder failure means this one file is unreadable
+                n_bad += 1
+                print(f"error: {path}: cannot read image ({type(err).__name__}: {err})", file=sys.stderr)
+        if images:
+            scores = reward(images, [args.prompt] * len(images))
+            rows.extend((str(p), float(s)) for p, s in zip(paths, scores))
+
+    if not rows:
+        print("error: no image could be read", file=sys.stderr)
+        return 2
+    _write(rows, args.out)
+    if args.out is not None:
+        print(f"scored {len(rows)} images ({n_bad} errors) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse ``argv`` and run; bad input is one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from safetensors.torch import save_file
+
+from aesthetic import AestheticPredictor, ClipConfigError, HeadError, WeightsNotFoundError
+from aesthetic.loading import load_clip, parse_dtype
+from aesthetic.predictor import DEFAULT_HEAD, load_head
+from clip_fixtures import (  # noqa: F401  (fixtures)
+    clip_configs,
+    demo_dir,
+    make_clip,
+    sample_images,
+    tiny_clip,
+    tiny_clip_768,
+    tiny_head_state,
+)
+
+
+def plain_head(path) -> nn.Sequential:
+    """The LAION MLP written out by hand, loaded from the same file."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    seq = nn.Sequential(
+        nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+        nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+    )  # fmt: skip
+    seq.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})
+    return seq.eval()
+
+
+def manual_scores(model, preprocess, head, images) -> torch.Tensor:
+    pixels = torch.stack([preprocess(Image.fromarray(a)) for a in images])
+    with torch.no_grad():
+        emb = model.float().encode_image(pixels)
+        return head(emb / emb.norm(dim=-1, keepdim=True)).reshape(-1)
+
+
+def test_packaged_head_matches_plain_sequential():
+    torch.manual_seed(0)
+    emb = torch.randn(6, 768)
+    emb = emb / emb.norm(dim=-1, keepdim=True)
+    head = load_head(DEFAULT_HEAD, 768).eval()
+    with torch.no_grad():
+        expected = plain_head(DEFAULT_HEAD)(emb)
+        got = head(emb)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.std() > 0  # the head is not constant on distinct embeddings
+
+
+def test_score_is_head_of_normalised_clip_embedding(tiny_clip_768):
+    model, preprocess = tiny_clip_768
+    images = sample_images(4)
+    expected = manual_scores(model, preprocess, plain_head(DEFAULT_HEAD), images)
+    predictor = AestheticPredictor(model, preprocess, DEFAULT_HEAD, device="cpu")
+    got = predictor.score(images)
+    assert got.dtype == torch.float32 and got.shape == (4,) and got.device.type == "cpu"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(predictor.score(images), got, rtol=0, atol=0)  # eval mode: dropout is off
+    emb = predictor.embed(images)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
+
+
+def test_real_head_on_small_clip_names_file_and_shapes(tiny_clip, clip_configs):
+    model, preprocess = tiny_clip
+    with pytest.raises(HeadError, match=r"layers\.0\.weight \[1024, 32\]") as err:
+        AestheticPredictor(model, preprocess, DEFAULT_HEAD, device="cpu")
+    assert str(DEFAULT_HEAD) in str(err.value) and "[1024, 768]" in str(err.value)
+    # from_pretrained with no head uses the packaged LAION head: same error
+    with pytest.raises(HeadError, match="sac\\+logos"):
+        AestheticPredictor.from_pretrained(clip=clip_configs["tiny-clip"], pretrained=None, device="cpu")
+
+
+def test_head_widths_are_read_from_state_dict(tiny_clip):
+    model, preprocess = tiny_clip
+    state = tiny_head_state(32)
+    head = nn.Sequential(
+        nn.Linear(32, 24), nn.Dropout(0.2), nn.Linear(24, 12), nn.Dropout(0.2),
+        nn.Linear(12, 8), nn.Dropout(0.1), nn.Linear(8, 4), nn.Linear(4, 1),
+    )  # fmt: skip
+    head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    images = sample_images(3)
+    got = AestheticPredictor(model, preprocess, state, device="cpu").score(images)
+    torch.testing.assert_close(got, manual_scores(model, preprocess, head.eval(), images), rtol=1e-5, atol=1e-5)
+    # a module works as the head too
+    torch.testing.assert_close(AestheticPredictor(model, preprocess, head, device="cpu").score(images), got)
+
+
+def test_head_file_formats_and_bad_files(tiny_clip, tmp_path):
+    model, preprocess = tiny_clip
+    state = tiny_head_state(32)
+    torch.save(state, tmp_path / "head.pth")
+    save_file(state, tmp_path / "head.safetensors")
+    images = sample_images(3)
+    from_pth = AestheticPredictor(model, preprocess, tmp_path / "head.pth", device="cpu").score(images)
+    from_st = AestheticPredictor(model, preprocess, str(tmp_path / "head.safetensors"), device="cpu").score(images)
+    torch.testing.assert_close(from_st, from_pth, rtol=0, atol=0)
+
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(HeadError, match="junk.pth"):
+        AestheticPredictor(model, preprocess, tmp_path / "junk.pth", device="cpu")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(HeadError, match=r"list\.pth is not an MLP head state dict"):
+        AestheticPredictor(model, preprocess, tmp_path / "list.pth", device="cpu")
+    with pytest.raises(HeadError, match="not an MLP head"):
+        AestheticPredictor(model, preprocess, {"layers.0.weight": torch.zeros(4, 32)}, device="cpu")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        AestheticPredictor(model, preprocess, tmp_path / "missing.pth", device="cpu")
+
+
+def test_input_kinds_give_the_same_scores(tiny_clip):
+    model, preprocess = tiny_clip
+    predictor = AestheticPredictor(model, preprocess, tiny_head_state(32), device="cpu")
+    arrays = sample_images(5)
+    tensors = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
+    from_pil = predictor.score([Image.fromarray(a) for a in arrays])
+    torch.testing.assert_close(predictor.score(arrays), from_pil, rtol=0, atol=0)
+    torch.testing.assert_close(predictor.score(tensors), from_pil, rtol=0, atol=0)
+    torch.testing.assert_close(predictor.score(torch.stack(tensors)), from_pil, rtol=0, atol=0)
+    torch.testing.assert_close(predictor.score(np.stack(arrays)), from_pil, rtol=0, atol=0)
+    assert from_pil.unique().numel() == 5  # distinct images, distinct scores
+    assert predictor.score([]).shape == (0,)
+    with pytest.raises(ValueError, match="batch"):
+        predictor.score(tensors[0])
+
+
+def test_batch_size_does_not_change_scores(tiny_clip):
+    model, preprocess = tiny_clip
+    images = sample_images(7)
+    one = AestheticPredictor(model, preprocess, tiny_head_state(32), device="cpu", batch_size=1).score(images)
+    three = AestheticPredictor(model, preprocess, tiny_head_state(32), device="cpu", batch_size=3).score(images)
+    torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-5)
+
+
+def test_low_precision_clip_keeps_fp32_head(clip_configs):
+    images = sample_images(4)
+    model, preprocess = make_clip("tiny-clip", seed=1)
+    ref = AestheticPredictor(model, preprocess, tiny_head_state(32), device="cpu").score(images)
+    model, preprocess = make_clip("tiny-clip", seed=1)
+    low = AestheticPredictor(model, preprocess, tiny_head_state(32), device="cpu", dtype="bf16")
+    assert next(low.clip_model.parameters()).dtype == torch.bfloat16
+    assert next(low.head.parameters()).dtype == torch.float32
+    got = low.score(images)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0, atol=0.05)
+    assert parse_dtype(None, "cuda") == torch.float16 and parse_dtype(None, "cpu") == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype"):
+        parse_dtype("fp8")
+
+
+def test_from_pretrained_with_config_file_and_local_checkpoint(clip_configs, tmp_path):
+    model, preprocess = make_clip("tiny-clip", seed=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
+    torch.save(tiny_head_state(32), tmp_path / "head.pth")
+    images = sample_images(3)
+    expected = AestheticPredictor(model, preprocess, tmp_path / "head.pth", device="cpu").score(images)
+    loaded = AestheticPredictor.from_pretrained(
+        clip=clip_configs["tiny-clip"],
+        pretrained=str(tmp_path / "weights.safetensors"),
+        head=tmp_path / "head.pth",
+        device="cpu",
+    )
+    torch.testing.assert_close(loaded.score(images), expected, rtol=0, atol=0)
+    # weights for another architecture: one clear error
+    with pytest.raises(ClipConfigError, match="do not fit model tiny-clip-768"):
+        load_clip(clip_configs["tiny-clip-768"], str(tmp_path / "weights.safetensors"))
+
+
+def test_demo_layout(demo_dir):
+    predictor = AestheticPredictor.from_pretrained(clip="demo", device="cpu")
+    model, preprocess = make_clip("tiny-clip", seed=3)  # the weights the demo folder holds
+    images = sample_images(3)
+    expected = AestheticPredictor(model, preprocess, demo_dir / "aesthetic_head.pth", device="cpu").score(images)
+    torch.testing.assert_close(predictor.score(images), expected, rtol=0, atol=0)
+    assert "demo-clip" in open_clip.list_models()
+
+
+def test_missing_weights_offline_is_one_clear_error(monkeypatch, clip_configs):
+    def offline(*args, **kwargs):  # what open_clip raises when the hub cannot be reached
+        raise RuntimeError("Failed to download file (open_clip_pytorch_model.bin): cannot find the requested files")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)
+    hint = r"clip='ViT-L-14-quickgelu', pretrained=/path/to/open_clip_pytorch_model\.bin"
+    with pytest.raises(WeightsNotFoundError, match=hint) as err:
+        AestheticPredictor.from_pretrained(clip="ViT-L-14", pretrained="openai", device="cpu")
+    assert isinstance(err.value, FileNotFoundError) and "\n" not in str(err.value)
+    with pytest.raises(WeightsNotFoundError, match="not an open_clip tag"):
+        load_clip(clip_configs["tiny-clip"], "/no/such/weights.bin")
+    with pytest.raises(ClipConfigError, match="unknown CLIP model"):
+        load_clip("ViT-Nope-1", None)
+    with pytest.raises(ClipConfigError, match="not found"):
+        load_clip("/no/such/config.json", None)
+
+
+def test_pretrained_tag_sets_its_activation(monkeypatch, clip_configs, tmp_path):
+    model, _ = make_clip("tiny-clip", seed=7)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    tag = {"file": str(tmp_path / "w.safetensors"), "quick_gelu": True}  # a tag like "openai"
+    lookup = lambda name, pretrained: tag if pretrained == "mytag" else {}  # noqa: E731
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lookup)
+    monkeypatch.setattr(open_clip.factory, "get_pretrained_cfg", lookup)
+    tagged, _, _ = load_clip(clip_configs["tiny-clip"], "mytag")
+    from_file, _, _ = load_clip(clip_configs["tiny-clip"], tag["file"])
+    activations = lambda m: {type(x).__name__ for x in m.modules() if "GELU" in type(x).__name__}  # noqa: E731
+    assert activations(tagged) == {"QuickGELU"} and activations(from_file) == {"GELU"}
+    torch.testing.assert_close(tagged.state_dict(), from_file.state_dict())
