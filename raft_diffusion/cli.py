@@ -36,11 +36,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, PromptError, RunDirError, RewardError, MissingAssetError]
     for module, name in (
-        ("raft_diffusion.adapters.diffusion", "ModelLoadError"),
-        ("raft_diffusion.adapters.llm", "ModelLoadError"),
+        ("raft_diffusion.adapters.diffusion", "ModelNotFoundError"),
+        ("raft_diffusion.adapters.diffusion", "LoraError"),
+        ("raft_diffusion.adapters.llm", "ModelNotFoundError"),
         ("aesthetic.loading", "WeightsNotFoundError"),
+        ("aesthetic.loading", "ClipConfigError"),
         ("aesthetic.predictor", "HeadError"),
+        ("raft_diffusion.scoring", "ScoreError"),
     ):
+        # Only modules already imported can have raised; importing the others would cost seconds.
         mod = sys.modules.get(module)
         if mod is not None and isinstance(getattr(mod, name, None), type):
             errors.append(getattr(mod, name))

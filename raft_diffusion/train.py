@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raft_diffusion.core import dist
+from raft_diffusion.core import dist, progress
 from raft_diffusion.core.config import Config, save_config
 from raft_diffusion.core.loop import RaftLoop
 from raft_diffusion.core.prompts import load_prompts
@@ -40,6 +40,7 @@ def make_accelerator(config: Config):
 
 def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunDir:
     """Run (or resume) the RAFT run that ``config`` describes; returns its run folder."""
+    progress.set_quiet(quiet)
     # 1. Check everything that needs no model: prompts, the run folder.
     load_prompts(config.prompts)
     run_dir = RunDir(Path(config.run.output_dir) / config.run.name)
@@ -60,16 +61,27 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     # 3. Run the stages, then write the report.
     from raft_diffusion.core import report
 
+    log = (lambda _msg: None) if quiet else progress.write
+    images = report.StageImages(config) if config.run.save_images else None
+    metrics_logger = report.MetricsLogger(config, run_dir, start_after, log=log) if dist.is_main() else None
     loop = RaftLoop(
         config,
         adapter,
         reward,
         run_dir,
         eval_metrics=eval_metrics,
-        on_stage=report.StageImages(config) if config.run.save_images else None,
-        log=(lambda _msg: None) if quiet else print,
+        on_stage=images,
+        log=log,
+        on_eval=images.eval_grid if images else None,
+        on_record=metrics_logger.log if metrics_logger else None,
     )
-    loop.run(start_after=start_after)
+    try:
+        loop.run(start_after=start_after)
+    finally:
+        if metrics_logger:
+            metrics_logger.close()
     if dist.is_main() and config.log.report:
         report.write_report(run_dir)
+    if dist.is_main() and not quiet:
+        print(report.summary_table(run_dir.read_metrics()))
     return run_dir

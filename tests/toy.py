@@ -59,7 +59,7 @@ class GaussianAdapter:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def export(self, path):
-        (Path(path) / "mu.json").write_text(json.dumps({"mu": float(self.mu)}))
+        (Path(path) / "mu.json").write_text(json.dumps({"mu": float(self.mu.detach())}))
 
 
 def reward_of(fn, name="toy") -> WeightedReward:

@@ -273,9 +273,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# Keys that name one of several alternative sources: overriding one clears the others, so that
+# `prompts.file=my.txt` on top of a config with `prompts.builtin` just works.
+_ALTERNATIVES = [("items", "file", "builtin"), ("eval_items", "eval_file", "eval_builtin")]
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
+        if len(path) == 2 and path[0] == "prompts" and isinstance(data.get("prompts"), dict):
+            for group in _ALTERNATIVES:
+                if path[1] in group:
+                    for other in group:
+                        if other != path[1]:
+                            data["prompts"].pop(other, None)
         node = data
         for part in path[:-1]:
             child = node.get(part)

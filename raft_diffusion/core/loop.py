@@ -20,6 +20,7 @@ import torch
 from raft_diffusion.adapters.base import Adapter, Candidate, has_log_ratio
 from raft_diffusion.core import dist
 from raft_diffusion.core.config import Config
+from raft_diffusion.core.progress import progress
 from raft_diffusion.core.prompts import load_prompts, stage_prompts
 from raft_diffusion.core.run_dir import STATE_FILE, RunDir, atomic_dir, stage_name
 from raft_diffusion.core.selection import ranking_scores, select
@@ -103,6 +104,8 @@ class RaftLoop:
         eval_metrics: WeightedReward | None = None,
         on_stage: Callable[..., None] | None = None,
         log: Callable[[str], None] = print,
+        on_eval: Callable[..., None] | None = None,
+        on_record: Callable[[dict], None] | None = None,
     ):
         self.config = config
         self.adapter = adapter
@@ -110,6 +113,8 @@ class RaftLoop:
         self.run_dir = run_dir
         self.eval_metrics = eval_metrics
         self.on_stage = on_stage  # e.g. writes the stage's image grid (main process only)
+        self.on_eval = on_eval  # e.g. writes the held-out grid (main process only)
+        self.on_record = on_record  # e.g. TensorBoard: every record appended to metrics.jsonl
         self.log = log if dist.is_main() else (lambda _msg: None)
         self.train_prompts, self.eval_prompts = load_prompts(config.prompts)
         if config.eval.max_prompts:
@@ -129,12 +134,14 @@ class RaftLoop:
                 self.log(f"resumed after stage {start_after} from {self.run_dir.checkpoint_dir(start_after)}")
             elif cfg.eval.every and self.eval_prompts and not any(r["stage"] == 0 for r in self.run_dir.read_metrics()):
                 start = time.perf_counter()
-                record = {"stage": 0, **self.evaluate(), "time_eval_s": time.perf_counter() - start}
+                record = {"stage": 0, **self.evaluate(0), "time_eval_s": time.perf_counter() - start}
                 if dist.is_main():
                     self.run_dir.append_metrics(record)
+                    if self.on_record is not None:
+                        self.on_record(record)
                 self.log(format_stage_line(record))
                 records.append(record)
-            for stage in range(start_after + 1, cfg.run.stages + 1):
+            for stage in progress(range(start_after + 1, cfg.run.stages + 1), desc="stages", unit="stage", leave=False):
                 records.append(self.run_stage(stage))
             self._export_final()
         return records
@@ -179,7 +186,7 @@ class RaftLoop:
         eval_record = {}
         if cfg.eval.every and self.eval_prompts and (stage % cfg.eval.every == 0 or stage == cfg.run.stages):
             with _timed(times, "eval"):
-                eval_record = self.evaluate()
+                eval_record = self.evaluate(stage)
 
         flat = rewards.reshape(-1)
         record = {
@@ -209,6 +216,8 @@ class RaftLoop:
         # 8. Log.
         if dist.is_main():
             self.run_dir.append_metrics(record)
+            if self.on_record is not None:
+                self.on_record(record)
         self.log(format_stage_line(record, cfg.run.stages))
         return record
 
@@ -250,8 +259,8 @@ class RaftLoop:
             everything.update(part)
         return [everything[i] for i in chosen_idx]
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out prompts, fixed seeds: the same noise at every evaluation."""
+    def evaluate(self, stage: int = 0) -> dict[str, float]:
+        """Held-out prompts, fixed seeds: the same noise at every evaluation (after ``stage``)."""
         cfg = self.config
         k = cfg.eval.k
         local = dist.shard(len(self.eval_prompts))
@@ -264,14 +273,17 @@ class RaftLoop:
             "eval_reward_sem": _sem(proxy.reshape(-1)),
             "eval_reward_best_of_k": _mean(proxy.gather(1, best[:, None])),
         }
+        metrics = {}
         if self.eval_metrics is not None:
             outputs, prompts = [c.output for c in candidates], [c.prompt for c in candidates]
             for name, value in self.eval_metrics.score_parts(outputs, prompts).items():
-                value = dist.concat_gathered(value).view(-1, k)
+                value = metrics[name] = dist.concat_gathered(value).view(-1, k)
                 record[f"eval_{name}"] = _mean(value)
                 record[f"eval_{name}_sem"] = _sem(value.reshape(-1))
                 record[f"eval_{name}_best_of_k"] = _mean(value.gather(1, best[:, None]))
         record.update({f"eval_{key}": v for key, v in diversity([c.output for c in candidates], k).items()})
+        if self.on_eval is not None and dist.is_main():
+            self.on_eval(stage=stage, folder=self.run_dir.stage_dir(stage), candidates=candidates, rewards=proxy, metrics=metrics)
         return record
 
     def _save_stage_files(self, stage, prompts, candidates, rewards, chosen_idx, first_prompt) -> None:
