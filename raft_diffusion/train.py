@@ -38,25 +38,37 @@ def make_accelerator(config: Config):
     )
 
 
+def quiet_model_libraries() -> None:
+    """Loading bars of diffusers/transformers would interleave with the run's own progress output."""
+    import importlib
+
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            importlib.import_module(module).disable_progress_bar()
+        except ImportError:
+            pass
+
+
 def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunDir:
     """Run (or resume) the RAFT run that ``config`` describes; returns its run folder."""
     progress.set_quiet(quiet)
-    # 1. Check everything that needs no model: prompts, the run folder.
+    # 1. Check everything that needs no model: prompts, rewards, the run folder.
     load_prompts(config.prompts)
+    accelerator = make_accelerator(config)  # first: it sets up the process group under accelerate launch
+    device = str(accelerator.device)
+    reward = build_reward(config.rewards, device=device)  # reward models load lazily, on first use
+    eval_metrics = build_reward(config.eval.metrics, device=device) if config.eval.metrics else None
     run_dir = RunDir(Path(config.run.output_dir) / config.run.name)
     start_after = run_dir.prepare(resume=resume, overwrite=overwrite) if dist.is_main() else 0
     start_after = dist.broadcast_object(start_after)
     if dist.is_main():
         save_config(config, run_dir.config)
 
-    # 2. Build the model, the rewards and the eval-only metrics.
-    accelerator = make_accelerator(config)
+    # 2. Build the model.
+    quiet_model_libraries()
     from raft_diffusion.adapters import build_adapter
 
     adapter = build_adapter(config, accelerator)
-    device = str(accelerator.device)
-    reward = build_reward(config.rewards, device=device)
-    eval_metrics = build_reward(config.eval.metrics, device=device) if config.eval.metrics else None
 
     # 3. Run the stages, then write the report.
     from raft_diffusion.core import report

@@ -41,8 +41,9 @@ def candidate_seeds(run_seed: int, stage: int, prompt_indices, k: int, offset: i
     return seeds
 
 
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; the run folder is resumable."""
+class RunInterrupted(BaseException):
+    """SIGINT/SIGTERM arrived; the run folder is resumable. A BaseException, like KeyboardInterrupt,
+    so that no `except Exception` on the way (a user's reward, say) swallows it."""
 
 
 @dataclass
@@ -207,11 +208,12 @@ class RaftLoop:
         }
 
         # 7. Checkpoint (the stage counts as done once this folder is renamed into place).
+        self._save_stage_files(stage, prompts, candidates, rewards, chosen_idx, local.start)
+        record.update({f"time_{name}_s": round(sec, 4) for name, sec in times.items()})
         with _timed(times, "checkpoint"):
-            self._save_stage_files(stage, prompts, candidates, rewards, chosen_idx, local.start)
-            record.update({f"time_{name}_s": round(sec, 4) for name, sec in times.items()})
-            record["time_stage_s"] = round(time.perf_counter() - stage_start, 4)
             self._checkpoint(stage, record)
+        record["time_checkpoint_s"] = round(times["checkpoint"], 4)
+        record["time_stage_s"] = round(time.perf_counter() - stage_start, 4)
 
         # 8. Log.
         if dist.is_main():

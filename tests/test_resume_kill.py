@@ -1,0 +1,129 @@
+"""A run killed with SIGKILL at any moment and resumed ends with exactly the weights and metrics of
+an uninterrupted run. Real subprocesses, real kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from raft_diffusion.demo.random_sd import build_random_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return build_random_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+def command(tiny_sd, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "raft_diffusion.cli", "train",
+        f"model.pretrained={tiny_sd}",
+        f"run.output_dir={out}",
+        "run.name=kill",
+        "run.stages=3",
+        "sampling.k=2",
+        "sampling.prompts_per_stage=2",
+        "sampling.steps=3",
+        "sampling.guidance_scale=2",
+        "train.steps_per_stage=3",
+        "train.batch_size=2",
+        "eval.every=1",
+        "eval.k=1",
+        "prompts.items=[a red circle, a blue square, a green cross]",
+        "prompts.eval_items=[a white triangle]",
+        "rewards=[{target: 'tests.plugins:brightness_with_marker'}]",
+        "log.report=false",
+        "eval.metrics=[]",
+        *extra,
+    ]
+
+
+def environment(markers: Path) -> dict:
+    markers.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAFT_TEST_MARKERS": str(markers), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def final_state(run: Path) -> tuple[dict, list[dict]]:
+    weights = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # Wall-clock figures differ between any two runs; everything else must be equal.
+    return weights, [{k: v for k, v in m.items() if not k.startswith("time_") and "seconds" not in k} for m in metrics]
+
+
+def run_until(cmd, env, kill_when) -> int:
+    """Start the run, SIGKILL it as soon as ``kill_when()`` is true; return its exit code."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if kill_when():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    start = time.monotonic()
+    subprocess.run(command(tiny_sd, out), env=environment(out / "markers"), cwd=ROOT, check=True, capture_output=True)
+    return final_state(out / "kill"), time.monotonic() - start
+
+
+def _kill_points():
+    # (name, a predicate factory (run folder, markers, start time, reference duration) -> kill now?)
+    return {
+        "while-scoring-stage-2": lambda run, markers, t0, dur: (markers / "score-003").exists(),
+        "while-writing-checkpoint-2": lambda run, markers, t0, dur: (run / "checkpoints" / ".tmp-000002").exists(),
+        "after-checkpoint-before-metrics": lambda run, markers, t0, dur: (run / "checkpoints" / "000002").exists(),
+        "at-55-percent": lambda run, markers, t0, dur: time.monotonic() - t0 > 0.55 * dur,
+        "while-exporting-final": lambda run, markers, t0, dur: (run / ".tmp-final").exists(),
+    }
+
+
+@pytest.mark.parametrize("point", list(_kill_points()))
+def test_kill_and_resume_equals_uninterrupted(point, tiny_sd, tmp_path, reference):
+    (ref_weights, ref_metrics), duration = reference
+    run = tmp_path / "kill"
+    markers = tmp_path / "markers"
+    env = environment(markers)
+    predicate = _kill_points()[point]
+    t0 = time.monotonic()
+    code = run_until(command(tiny_sd, tmp_path), env, lambda: predicate(run, markers, t0, duration))
+    assert code == -signal.SIGKILL, f"the run ended ({code}) before the kill point {point!r}"
+    # Resume as often as it takes (once here), then compare.
+    done = subprocess.run(command(tiny_sd, tmp_path, "--resume"), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    weights, metrics = final_state(run)
+    assert weights.keys() == ref_weights.keys()
+    for key in weights:
+        assert (weights[key] == ref_weights[key]).all(), key
+    assert metrics == ref_metrics
+    assert not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
+
+
+def test_sigterm_leaves_a_resumable_run(tiny_sd, tmp_path):
+    run = tmp_path / "kill"
+    markers = tmp_path / "markers"
+    env = environment(markers)
+    proc = subprocess.Popen(command(tiny_sd, tmp_path), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (markers / "score-002").exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "--resume" in err and "Traceback" not in err
+    done = subprocess.run(command(tiny_sd, tmp_path, "--resume"), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "final").is_dir()
