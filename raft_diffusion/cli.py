@@ -75,7 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    print(f"done: {run_dir.root}")
+    from raft_diffusion.core import dist
+
+    if dist.is_main():
+        print(f"done: {run_dir.root}")
     return 0
 
 
@@ -127,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in {"train", "sample", "score", "report", "-h", "--help"} and ("=" in argv[0] or argv[0].startswith("--"))):
         argv = ["train", *argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after flags (`train --quiet run.stages=2`), which argparse leaves over.
+    if getattr(args, "func", None) is cmd_train and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -108,8 +108,8 @@ class DiffusionAdapter:
         self.optimizer = prepared[-1]
 
         # 5. One generator for every training draw (batch order, timesteps, noise, caption dropout),
-        # a stream of its own on each process
-        seed = int(np.random.SeedSequence([config.run.seed, accelerator.process_index, 0x5AF7]).generate_state(1)[0])
+        # the same stream on every process: each draws the global batch and trains on its slice
+        seed = int(np.random.SeedSequence([config.run.seed, 0x5AF7]).generate_state(1)[0])
         self.train_generator = torch.Generator().manual_seed(seed)
         self._compiled_unet = None
         self._empty = None
@@ -463,7 +463,7 @@ class DiffusionAdapter:
 
     def finetune(self, chosen: list[Candidate]) -> dict[str, float]:
         """``train.steps_per_stage`` AdamW steps on the LoRA, each of ``grad_accum`` micro-batches of
-        ``train.batch_size`` chosen latents (a seeded permutation cycling through ``chosen``)."""
+        ``train.batch_size`` chosen latents per process (a seeded permutation cycling through ``chosen``)."""
         if not chosen:
             raise ValueError("finetune: no chosen candidates")
         t = self.config.train
@@ -472,7 +472,12 @@ class DiffusionAdapter:
         latents = torch.stack([c.payload["latents"] for c in chosen]).float()
         cond = torch.stack([c.payload[key] for c in chosen])
         micro_batches = t.steps_per_stage * t.grad_accum
-        needed = micro_batches * t.batch_size
+        # Every process holds all chosen candidates and the same generator, and draws the global
+        # micro-batch (batch_size per process); each then trains on its own slice of it, so N
+        # processes compute exactly what one process computes with an N times larger batch.
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        global_batch = t.batch_size * world
+        needed = micro_batches * global_batch
         epochs = math.ceil(needed / len(chosen))  # as many shuffled passes over the chosen set as the steps need
         passes = [torch.randperm(len(chosen), generator=self.train_generator) for _ in range(epochs)]
         order = torch.cat(passes + [torch.zeros(0, dtype=torch.long)])
@@ -482,7 +487,9 @@ class DiffusionAdapter:
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
         step_losses, grad_norms, loss_sum = [], [], 0.0
         for m in range(micro_batches):
-            batch = self._draw_batch(latents, cond, order[m * t.batch_size:(m + 1) * t.batch_size])
+            batch = self._draw_batch(latents, cond, order[m * global_batch:(m + 1) * global_batch])
+            mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
+            batch = [part[mine] if part is not None else None for part in batch]
             with self.accelerator.accumulate(*models):
                 loss = self.denoising_loss(*batch)
                 self.accelerator.backward(loss)
@@ -496,7 +503,8 @@ class DiffusionAdapter:
                 loss_sum = 0.0
         for module in self.train_modules:
             module.eval()
-        losses = torch.stack(step_losses).float().cpu() if step_losses else torch.zeros(0)  # one sync, at the end
+        losses = torch.stack(step_losses).float() if step_losses else torch.zeros(0, device=self.device)
+        losses = self.accelerator.reduce(losses, "mean").cpu()  # each process saw its slice: report the global mean
         norms = torch.stack([torch.as_tensor(n) for n in grad_norms]).float().cpu() if grad_norms else torch.zeros(0)
         seconds = time.perf_counter() - start_time
         return {

@@ -236,7 +236,7 @@ _REWARD_KEYS = {"name", "target", "weight", "args"}
 
 
 def _reward_specs(value: Any, key: str) -> list[dict]:
-    if isinstance(value, dict):
+    if isinstance(value, (dict, str)):  # one reward: `rewards=aesthetic` or `rewards=pkg.mod:fn`
         value = [value]
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of {{name: ..., weight: ..., args: {{...}}}}")
