@@ -33,7 +33,12 @@ _REGISTRY: dict[str, Callable[..., Any]] = {}
 
 # Modules that register built-in rewards on import; imported lazily so that a text-only run
 # does not pay for open_clip, and an image-only run does not pay for transformers.
-_BUILTIN_MODULES = ("raft_diffusion.rewards.image", "raft_diffusion.rewards.text", "raft_diffusion.demo.gold")
+_BUILTIN_MODULES = (
+    "raft_diffusion.rewards.image",
+    "raft_diffusion.rewards.text",
+    "raft_diffusion.demo.gold",
+    "raft_diffusion.demo.text_world",
+)
 
 
 def register_reward(name: str):
