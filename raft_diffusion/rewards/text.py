@@ -1,4 +1,4 @@
-"""Text rewards: Hugging Face reward models, a word-count rule, response filters, and distinct-n.
+"""Text rewards: Hugging Face reward models, a word-count rule, and response filters.
 
 Registered names:
 
@@ -214,7 +214,3 @@ def word_count(words, case_sensitive: bool = False, filter=None, filtered_score:
         return [float(len(pattern.findall(str(o)))) for o in outputs]
 
     return with_filter(count, filter, filtered_score, "word_count")
-
-
-# ---------------------------------------------------------------------------------------------
-# Diversity
