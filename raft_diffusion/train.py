@@ -56,6 +56,10 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     load_prompts(config.prompts)
     accelerator = make_accelerator(config)  # first: it sets up the process group under accelerate launch
     device = str(accelerator.device)
+    if device == "cpu" and config.run.cpu_threads:
+        import torch
+
+        torch.set_num_threads(config.run.cpu_threads)
     reward = build_reward(config.rewards, device=device)  # reward models load lazily, on first use
     eval_metrics = build_reward(config.eval.metrics, device=device) if config.eval.metrics else None
     run_dir = RunDir(Path(config.run.output_dir) / config.run.name)

@@ -11,34 +11,11 @@ as a downloaded SD-1.5 folder. Latents are 4x8x8 and images 16x16 (the two-block
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte-level alphabet: the 256 printable characters its BPE vocabulary is built on."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
-def write_tiny_clip_tokenizer(path: str | Path) -> Path:
-    """A character-level CLIP tokenizer (514 tokens, no merges): every text tokenizes, one token per byte."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return path
+from raft_diffusion.demo.random_sd import write_char_clip_tokenizer
 
 
 def build_tiny_sd(
@@ -63,7 +40,7 @@ def build_tiny_sd(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # Through from_pretrained: transformers 5 ignores vocab_file/merges_file keyword arguments.
-    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(path / "tokenizer"), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(write_char_clip_tokenizer(path / "tokenizer"), model_max_length=77)
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -1,11 +1,14 @@
-"""Loading a Stable Diffusion pipeline and LoRA folders, with one-line errors, and RNG state that
-``torch.load(weights_only=True)`` reads back: the plumbing under :mod:`raft_diffusion.adapters.diffusion`."""
+"""Loading a Stable Diffusion (SD-1.x/2.x or SDXL) pipeline and LoRA folders, with one-line errors; the
+model families (what differs between SD and SDXL); RNG state that ``torch.load(weights_only=True)``
+reads back: the plumbing under :mod:`raft_diffusion.adapters.diffusion`."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ SCHEDULERS = {
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as in diffusers' LoRA scripts
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name values we run
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -32,6 +36,10 @@ class ModelNotFoundError(FileNotFoundError):
 
 class LoraError(ValueError):
     """A LoRA folder that is missing or does not fit the model."""
+
+
+class UnsupportedModelError(ValueError):
+    """A diffusers folder of a pipeline class this adapter does not run, or a setting it lacks."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,34 +71,68 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model, dtype: torch.dtype = torch.float32):
-    """``StableDiffusionPipeline`` for a ``ModelConfig``, on the CPU, with the sampler of ``model.scheduler``.
+    """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (per the folder's ``model_index.json``)
+    for a ``ModelConfig``, on the CPU, with the sampler of ``model.scheduler``.
 
     ``model.pretrained`` is a local folder, a hub id (from the local cache only when offline) or
-    ``demo:NAME``. Anything that cannot be loaded raises :class:`ModelNotFoundError` in one line.
+    ``demo:NAME``; ``model.vae`` replaces the pipeline's VAE. An SDXL VAE that overflows in float16
+    (its config's ``force_upcast``, as diffusers' SDXL pipeline reads it) is kept in float32.
+    Anything that cannot be loaded raises :class:`ModelNotFoundError` in one line.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    import diffusers
+    from diffusers import AutoencoderKL
 
     sampler_cls = scheduler_class(model.scheduler)  # refuse a bad name before loading anything
-    name = resolve(model.pretrained)
+    name = _local_or_hub(resolve(model.pretrained), "model.pretrained")
+    folder = Path(name)
+    if not folder.is_dir():  # a hub id: the snapshot from_pretrained would fetch (only the cache, quickly, when offline)
+        try:
+            folder = Path(diffusers.DiffusionPipeline.download(name, revision=model.revision, variant=model.variant))
+        except (OSError, ValueError) as err:
+            _not_loaded(model, name, err)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelNotFoundError(
+            f"model.pretrained={model.pretrained!r}: {folder} is not a diffusers pipeline folder (no model_index.json)"
+        )
+    class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    if class_name not in PIPELINES:
+        raise UnsupportedModelError(
+            f"model.pretrained={model.pretrained!r} is a {class_name} folder; "
+            f"the diffusion adapter runs {' and '.join(PIPELINES)} folders"
+        )
+    xl = class_name == "StableDiffusionXLPipeline"
     kwargs = dict(dtype=dtype, revision=model.revision, variant=model.variant)
-    if not model.safety_checker:
+    if xl:
+        if model.safety_checker:
+            raise UnsupportedModelError("model.safety_checker: StableDiffusionXLPipeline has no safety checker; set it to false")
+        kwargs["add_watermarker"] = False  # we decode ourselves; rewards see the model's own pixels
+    elif not model.safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if model.vae:
         kwargs["vae"] = AutoencoderKL.from_pretrained(_local_or_hub(resolve(model.vae), "model.vae"), dtype=dtype)
-    name = _local_or_hub(name, "model.pretrained")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(name, **kwargs)
+        pipe = getattr(diffusers, class_name).from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as err:
-        if Path(name).is_dir():  # a real folder that fails to load: let the real error through
-            raise
-        raise ModelNotFoundError(
-            f"model.pretrained={model.pretrained!r}: no such folder, and the hub id could not be loaded from the "
-            f"Hugging Face hub or its local cache ({type(err).__name__}); download the pipeline where there is network "
-            f"and pass model.pretrained=/path/to/folder"
-        ) from None
+        _not_loaded(model, str(folder), err)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
+    if xl:
+        # SDXL's own VAE overflows in float16 (an fp16-safe one, e.g. madebyollin/sdxl-vae-fp16-fix, says so in its config).
+        if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+            pipe.vae.to(torch.float32)
+        pipe.vae.enable_slicing()  # one image at a time: 1024-px activations take GBs per image
     return pipe
+
+
+def _not_loaded(model, name: str, err: Exception) -> NoReturn:
+    if Path(name).is_dir():  # a real folder that fails to load: let the real error through
+        raise err
+    raise ModelNotFoundError(
+        f"model.pretrained={model.pretrained!r}: no such folder, and the hub id could not be loaded from the "
+        f"Hugging Face hub or its local cache ({type(err).__name__}); download the pipeline where there is network "
+        f"and pass model.pretrained=/path/to/folder"
+    ) from None
 
 
 def _local_or_hub(name: str, key: str) -> str:
@@ -108,13 +150,15 @@ def _local_or_hub(name: str, key: str) -> str:
 
 
 _LORA_KEY = re.compile(
-    r"^(unet|text_encoder)\.(.+)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
+    r"^(unet|text_encoder|text_encoder_2)\.(.+)\."
+    r"(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
 )
 
 
-def read_lora(path: str) -> tuple[str, str, dict]:
-    """(folder, weight file name, state dict with diffusers keys prefixed ``unet.`` / ``text_encoder.``)
-    of an exported LoRA folder (or its ``.safetensors`` file)."""
+def read_lora(path: str, pipeline_cls=None) -> tuple[str, str, dict]:
+    """(folder, weight file name, state dict with diffusers keys prefixed ``unet.`` / ``text_encoder.`` /
+    ``text_encoder_2.``) of an exported LoRA folder (or its ``.safetensors`` file), read by ``pipeline_cls``
+    (default ``StableDiffusionPipeline``)."""
     from diffusers import StableDiffusionPipeline
 
     local = Path(resolve(path)).expanduser()
@@ -123,12 +167,23 @@ def read_lora(path: str) -> tuple[str, str, dict]:
     folder, weight_name = (local.parent, local.name) if local.is_file() else (local, LORA_WEIGHTS)
     if not (folder / weight_name).is_file():
         raise LoraError(f"{path!r} holds no {LORA_WEIGHTS} (not a LoRA exported in diffusers format)")
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=weight_name)
+    state_dict, _ = (pipeline_cls or StableDiffusionPipeline).lora_state_dict(str(folder), weight_name=weight_name)
     return str(folder), weight_name, state_dict
 
 
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """``name`` in ``model``, with or without the ``text_model.`` prefix (transformers 5 flattened
+    CLIPTextModel, not CLIPTextModelWithProjection)."""
+    for candidate in (name, name.removeprefix("text_model."), f"text_model.{name}"):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise AttributeError(name)
+
+
 def check_lora_fits(pipe, state_dict: dict, where: str) -> bool:
-    """Refuse, in one line, a LoRA made for another model; returns whether it adapts the text encoder."""
+    """Refuse, in one line, a LoRA made for another model; returns whether it adapts a text encoder."""
     has_text_encoder = False
     for key, tensor in state_dict.items():
         if key.endswith(".alpha"):
@@ -137,13 +192,11 @@ def check_lora_fits(pipe, state_dict: dict, where: str) -> bool:
         if match is None:
             raise LoraError(f"{where}: unexpected key {key!r} (not a Stable Diffusion LoRA in diffusers format)")
         component, name, kind = match.groups()
-        if component == "text_encoder":
-            has_text_encoder = True
-            name = name.removeprefix("text_model.")  # transformers 5 flattened CLIPTextModel
+        has_text_encoder |= component != "unet"
         try:
-            module = getattr(pipe, component).get_submodule(name)
+            module = _submodule(getattr(pipe, component, None) or torch.nn.Module(), name)
         except AttributeError:
-            raise LoraError(f"{where} was made for another model: this {component} has no module {name!r}") from None
+            raise LoraError(f"{where} was made for another model: this pipeline has no {component}.{name}") from None
         base = getattr(module, "base_layer", module)
         is_down = kind.endswith("down") or kind == "lora_A"
         expected = getattr(base, "in_features" if is_down else "out_features", None)
@@ -161,7 +214,7 @@ def check_lora_fits(pipe, state_dict: dict, where: str) -> bool:
 def load_lora(pipe, path: str) -> bool:
     """Load an exported LoRA folder into ``pipe`` as adapter ``default`` (checked first); returns
     whether it has text-encoder layers. Rank, alpha and targets come from the folder."""
-    folder, weight_name, state_dict = read_lora(path)
+    folder, weight_name, state_dict = read_lora(path, type(pipe))
     has_text_encoder = check_lora_fits(pipe, state_dict, f"LoRA {path!r}")
     # From the folder, not the state dict: the file's metadata carries lora_alpha.
     pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="default")
@@ -170,6 +223,116 @@ def load_lora(pipe, path: str) -> bool:
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in module.named_parameters() if "lora_" in n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model families: the few places where SD and SDXL differ
+
+
+def model_family(pipe) -> "StableDiffusionFamily":
+    """The family object for a loaded pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return (StableDiffusionXLFamily if isinstance(pipe, StableDiffusionXLPipeline) else StableDiffusionFamily)(pipe)
+
+
+def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class StableDiffusionFamily:
+    """SD-1.x/2.x: one CLIP text encoder, whose last hidden states are the UNet's only condition.
+
+    Conditioning travels as a dict of batched tensors: ``embed_keys`` come from the text encoders
+    (``id_keys`` are their token ids, kept instead when a text-encoder LoRA trains), ``size_keys``
+    from the image size alone. ``unet_kwargs`` turns such a dict into the UNet's keywords.
+    """
+
+    text_encoder_names = ("text_encoder",)
+    embed_keys = ("prompt_embeds",)
+    id_keys = ("input_ids",)
+    size_keys = ()
+    zeros_for_empty_prompt = False  # unconditional side of guidance: the encoded "" (not zeros)
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self.pipe, name) for name in self.text_encoder_names]
+
+    def encode(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
+        """The pipeline's own ``encode_prompt``: ``prompt_embeds`` [P, 77, D]."""
+        return {"prompt_embeds": self.pipe.encode_prompt(prompts, device, 1, False)[0]}
+
+    def token_ids(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids": _token_ids(self.pipe.tokenizer, prompts)}
+
+    def embed_ids(self, ids: dict, text_encoders: list, device) -> dict[str, torch.Tensor]:
+        """What :meth:`encode` computes, from token ids through ``text_encoders`` (trainable or
+        DDP-wrapped ones included; with grad if enabled)."""
+        return {"prompt_embeds": text_encoders[0](ids["input_ids"].to(device))[0]}
+
+    def size_conditioning(self, height: int, width: int) -> dict[str, torch.Tensor]:
+        return {}
+
+    def unet_kwargs(self, cond: dict) -> dict:
+        return {"encoder_hidden_states": cond["prompt_embeds"]}
+
+    def text_encoder_lora_targets(self, name: str) -> list[str]:
+        return TEXT_ENCODER_LORA_TARGETS
+
+
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    """SDXL: two CLIP text encoders, whose penultimate hidden states are concatenated; the UNet also
+    takes the pooled (projected) embedding of encoder 2 and six size ids (original size, crop
+    top-left, target size), as ``added_cond_kwargs``."""
+
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    embed_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    id_keys = ("input_ids", "input_ids_2")
+    size_keys = ("add_time_ids",)
+
+    @property
+    def zeros_for_empty_prompt(self) -> bool:
+        return bool(self.pipe.config.get("force_zeros_for_empty_prompt", True))
+
+    def encode(self, prompts, device):
+        """``encode_prompt``: ``prompt_embeds`` [P, 77, D1 + D2] and ``pooled_prompt_embeds`` [P, D2]."""
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def token_ids(self, prompts):
+        return {"input_ids": _token_ids(self.pipe.tokenizer, prompts), "input_ids_2": _token_ids(self.pipe.tokenizer_2, prompts)}
+
+    def embed_ids(self, ids, text_encoders, device):
+        out_1 = text_encoders[0](ids["input_ids"].to(device), output_hidden_states=True)
+        out_2 = text_encoders[1](ids["input_ids_2"].to(device), output_hidden_states=True)
+        embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": out_2.text_embeds}
+
+    def size_conditioning(self, height, width):
+        """``add_time_ids`` [1, 6] float32: (height, width) original and target size, crop (0, 0), as the
+        stock pipeline's defaults."""
+        projection_dim = self.pipe.text_encoder_2.config.projection_dim
+        time_ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=torch.float32,
+                                               text_encoder_projection_dim=projection_dim)
+        return {"add_time_ids": time_ids}
+
+    def unet_kwargs(self, cond):
+        added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["add_time_ids"]}
+        return {"encoder_hidden_states": cond["prompt_embeds"], "added_cond_kwargs": added}
+
+    def text_encoder_lora_targets(self, name):
+        if name == "text_encoder_2":
+            return TEXT_ENCODER_LORA_TARGETS
+        # Encoder 1 is read at its penultimate layer: a LoRA on its last layer would never get a
+        # gradient (dead weights, and an error under DDP). Full module names leave that layer out.
+        encoder = self.pipe.text_encoder
+        last = f"layers.{encoder.config.num_hidden_layers - 1}."
+        return [n for n, _ in encoder.named_modules() if n.rsplit(".", 1)[-1] in TEXT_ENCODER_LORA_TARGETS and last not in n]
 
 
 # ---------------------------------------------------------------------------------------------

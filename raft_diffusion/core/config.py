@@ -31,6 +31,7 @@ class RunConfig:
     keep_checkpoints: int = 0  # keep only the newest N stage checkpoints (0: keep all)
     save_images: bool = True  # write stages/NNNNNN/grid.png (image runs)
     grid_prompts: int = 4  # prompts shown in each stage grid
+    cpu_threads: int = 0  # torch threads when running on the CPU (0: torch's default); tiny models run best on 1
 
 
 @dataclass
@@ -353,6 +354,7 @@ def validate(c: Config) -> None:
     _check(bool(c.run.name.strip()) and "/" not in c.run.name, f"run.name: {c.run.name!r} must be a plain folder name")
     _check(c.run.stages >= 1, f"run.stages must be >= 1, got {c.run.stages}")
     _check(c.run.keep_checkpoints >= 0, f"run.keep_checkpoints must be >= 0, got {c.run.keep_checkpoints}")
+    _check(c.run.cpu_threads >= 0, f"run.cpu_threads must be >= 0, got {c.run.cpu_threads}")
     _check(c.run.seed >= 0, f"run.seed must be >= 0, got {c.run.seed}")
     _check(c.model.lora.rank >= 0, f"model.lora.rank must be >= 0, got {c.model.lora.rank}")
     _check(c.model.lora.rank > 0 or c.model.kind == "llm", "model.lora.rank must be >= 1 for diffusion models")

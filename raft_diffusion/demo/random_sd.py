@@ -4,6 +4,10 @@
 (UNet, VAE, CLIP text encoder, CLIP tokenizer, DDIM scheduler) in the format of a downloaded
 SD-1.5 folder. ``preset="sd15"`` has SD-1.5's exact architecture (860M-parameter UNet), so it
 times like the real model; ``"tiny"`` builds in about a second (latents 4x8x8, images 16x16).
+``"tiny_xl"`` writes a ``StableDiffusionXLPipeline`` folder just as small: two CLIP text encoders
+(``CLIPTextModel`` + ``CLIPTextModelWithProjection``), two tokenizers, a UNet conditioned on the
+pooled text embedding and the size/crop ids (``addition_embed_type="text_time"``), SDXL's
+scheduler and VAE settings.
 """
 
 from __future__ import annotations
@@ -68,11 +72,44 @@ PRESETS = {
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"),
         vocab_size=49408,
     ),
+    # SDXL's conditioning in miniature (as diffusers' own SDXL tests build it): the UNet attends to
+    # both encoders' hidden states side by side (32 + 32) and adds the pooled embedding of encoder 2
+    # and six size/crop ids, each embedded in addition_time_embed_dim features. Attention on the
+    # first level and coarse GroupNorm groups (unlike SDXL) let a LoRA move the random model.
+    "tiny_xl": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            norm_num_groups=8,
+        ),
+        vae=dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, scaling_factor=0.13025),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+        text_2=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+        vocab_size=None,
+    ),
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json (from_config keeps the keys other
+# samplers read, e.g. clip_sample=False for DDIM).
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+    "trained_betas": None, "use_karras_sigmas": False,
 }
 
 
 def build_random_sd(path: str | Path, preset: str = "tiny", seed: int = 0, sample_size: int = 8, device: str = "cpu") -> Path:
-    """Write a random-weight StableDiffusionPipeline folder at ``path`` and return ``path``.
+    """Write a random-weight StableDiffusionPipeline (``tiny_xl``: StableDiffusionXLPipeline) folder at
+    ``path`` and return ``path``.
 
     ``sample_size`` is the UNet's default latent side (the default image side is twice that for
     ``tiny``, whose two-block VAE downsamples by 2, and 8 times that for ``sd15``).
@@ -110,6 +147,8 @@ def build_random_sd(path: str | Path, preset: str = "tiny", seed: int = 0, sampl
                 **spec["text"],
             )
         )
+    if "text_2" in spec:
+        return _save_xl(path, spec, unet, vae, text_encoder, tokenizer, device)
     # SD-1.5's scheduler settings (scaled_linear betas, steps_offset 1, set_alpha_to_one False).
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
@@ -126,5 +165,39 @@ def build_random_sd(path: str | Path, preset: str = "tiny", seed: int = 0, sampl
     )
     if preset != "tiny":
         pipe.to(dtype=torch.float16)  # halves the folder; loaders cast to the run's dtype
+    pipe.save_pretrained(path)
+    return path
+
+
+def _save_xl(path: Path, spec: dict, unet, vae, text_encoder, tokenizer, device: str) -> Path:
+    """The SDXL branch of :func:`build_random_sd`: adds encoder 2 and its tokenizer, saves the folder."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    # SDXL's tokenizer_2 pads with "!" where tokenizer 1 pads with <|endoftext|>.
+    tokenizer_2 = CLIPTokenizer.from_pretrained(
+        write_char_clip_tokenizer(path / "tokenizer_2"), model_max_length=77, pad_token="!"
+    )
+    with torch.device(device):
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=spec["vocab_size"] or len(tokenizer_2),
+                max_position_embeddings=77,
+                bos_token_id=tokenizer_2.bos_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+                pad_token_id=tokenizer_2.pad_token_id,
+                **spec["text_2"],
+            )
+        )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        add_watermarker=False,
+    )
     pipe.save_pretrained(path)
     return path

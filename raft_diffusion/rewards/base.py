@@ -179,7 +179,10 @@ def build_reward(specs: list[dict], device: str | None = None) -> WeightedReward
     seen: set[str] = set()
     for spec in specs:
         label, fn = build_reward_fn(spec, device)
-        while label in seen:  # two rewards of one kind (e.g. two clip scores) keep distinct names
+        if label in seen:  # two rewards of one kind keep distinct names, e.g. demo_gold_align_colour
+            simple = [str(v) for v in (spec.get("args") or {}).values() if isinstance(v, (str, int, float))]
+            label = "_".join([label, *simple]) if simple else label
+        while label in seen:
             label += "_"
         seen.add(label)
         weight = float(spec.get("weight", 1.0))
