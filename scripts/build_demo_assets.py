@@ -1,0 +1,127 @@
+"""Build the demo world's models into raft_diffusion/assets/demo/ (deterministic, CPU).
+
+    python scripts/build_demo_assets.py                 # everything (image + text)
+    python scripts/build_demo_assets.py --only image    # tiny SD, tiny CLIP, aesthetic head
+    python scripts/build_demo_assets.py --quick --out /tmp/demo   # seconds-long smoke build
+
+Each half is built in a temporary folder next to the target and renamed into place only when
+complete, so an interrupted build never replaces a good one. ``manifest.json`` records how every
+asset was built and what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raft_diffusion.assets import DEMO_DIR  # noqa: E402
+
+IMAGE_ASSETS = ("sd", "clip", "aesthetic_head.pth")
+
+
+def _install(tmp: Path, out: Path, names) -> None:
+    """Move finished assets from ``tmp`` into ``out``: each old one is renamed aside, then replaced."""
+    for name in names:
+        src, dst = tmp / name, out / name
+        if not src.exists():
+            continue
+        old = out / f".{name}.old"
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if dst.exists():
+            dst.rename(old)
+        src.rename(dst)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _write_manifest(out: Path, section: str, entry: dict) -> None:
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest[section] = entry
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _folder_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2)
+
+
+def build_image(out: Path, quick: bool, seed: int, threads: int | None, reuse_sd: Path | None = None,
+                reuse_clip: Path | None = None) -> None:
+    from raft_diffusion.demo.build_image import ImageBuildConfig, build_image_assets
+
+    cfg = ImageBuildConfig.quick(seed) if quick else ImageBuildConfig(seed=seed)
+    if threads:
+        cfg.threads = threads
+    tmp = out / f".build-image-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.time()
+    if reuse_sd is not None and not (reuse_sd / "model_index.json").is_file():
+        raise SystemExit(f"--reuse-sd {reuse_sd}: not a StableDiffusionPipeline folder (no model_index.json)")
+    if reuse_clip is not None and not (reuse_clip / "open_clip_model.safetensors").is_file():
+        raise SystemExit(f"--reuse-clip {reuse_clip}: no open_clip_model.safetensors there")
+    # On failure the partial build stays in tmp for inspection.
+    figures = build_image_assets(tmp, cfg, reuse_sd=reuse_sd, reuse_clip=reuse_clip)
+    _install(tmp, out, IMAGE_ASSETS)
+    shutil.rmtree(tmp, ignore_errors=True)
+    entry = {
+        "script": "scripts/build_demo_assets.py --only image" + (" --quick" if quick else ""),
+        "seed": seed, "quick": quick, "wall_seconds": round(time.time() - start, 1),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {cfg.threads}",
+        "size_mb": {name: _folder_mb(out / name) if (out / name).is_dir() else round((out / name).stat().st_size / 2**20, 2)
+                    for name in IMAGE_ASSETS},
+        **figures,
+    }
+    _write_manifest(out, "image", entry)
+    print(f"image assets written to {out} in {entry['wall_seconds']} s")
+
+
+def build_text(out: Path, quick: bool, seed: int) -> None:
+    try:
+        from raft_diffusion.demo.build_text import build_text_assets
+    except ModuleNotFoundError as err:
+        if err.name != "raft_diffusion.demo.build_text":
+            raise
+        print("text assets skipped: raft_diffusion/demo/build_text.py is not available")
+        return
+    start = time.time()
+    figures = build_text_assets(out, quick=quick, seed=seed)
+    _write_manifest(out, "text", {"script": "scripts/build_demo_assets.py --only text" + (" --quick" if quick else ""),
+                                  "seed": seed, "quick": quick, "wall_seconds": round(time.time() - start, 1),
+                                  **(figures or {})})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("image", "text"), help="build one half only")
+    parser.add_argument("--out", type=Path, default=DEMO_DIR, help=f"output folder (default {DEMO_DIR})")
+    parser.add_argument("--quick", action="store_true", help="tiny models, seconds of training (smoke test)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the image build (default 1)")
+    parser.add_argument("--reuse-sd", type=Path, default=None,
+                        help="copy this tiny-SD pipeline folder (built with the same config) instead of training one")
+    parser.add_argument("--reuse-clip", type=Path, default=None,
+                        help="copy this demo-CLIP folder (built with the same config) instead of training one")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only in (None, "image"):
+        build_image(args.out, args.quick, args.seed, args.threads, args.reuse_sd, args.reuse_clip)
+    if args.only in (None, "text"):
+        build_text(args.out, args.quick, args.seed)
+    print(f"{args.out}: {_folder_mb(args.out)} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
