@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from raft_diffusion.demo.random_sd import write_char_clip_tokenizer
+from raft_diffusion.demo.random_sd import build_random_sd
 
 
 def build_tiny_sd(
@@ -34,71 +32,4 @@ def build_tiny_sd(
     not 1) leaves per-channel means through the GroupNorms, so that image brightness varies from
     sample to sample and a LoRA can shift it.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    # Through from_pretrained: transformers 5 ignores vocab_file/merges_file keyword arguments.
-    tokenizer = CLIPTokenizer.from_pretrained(write_char_clip_tokenizer(path / "tokenizer"), model_max_length=77)
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=norm_num_groups,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,  # coarser groups than 32: decoded brightness then varies from sample to sample
-        sample_size=2 * sample_size,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    # SD-1.5's scheduler settings (scaled_linear betas, steps_offset 1, set_alpha_to_one False).
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-    return path
+    return build_random_sd(path, "tiny", seed, sample_size, prediction_type=prediction_type, norm_num_groups=norm_num_groups)

@@ -21,15 +21,6 @@ BASE = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny ops: two threads fighting other processes for two cores are many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     return str(build_tiny_sd(tmp_path_factory.mktemp("tiny_sd")))

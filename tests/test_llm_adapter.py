@@ -31,15 +31,6 @@ WORDS = "the a movie pizza phone was is and but good bad great awful nice dull i
 PROMPTS = ["the movie was", "a pizza is", "the phone was"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are tiny: one thread avoids OpenMP sync costs that dominate on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<eos>": 0, "<pad>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from raft_diffusion.demo import world
+from raft_diffusion.demo.random_sd import bytes_to_unicode
 
 CLIP_MODEL_NAME = "demo-clip"
 SPECIALS = ("<|startoftext|>", "<|endoftext|>")
@@ -131,26 +132,13 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
 # Tokenizer and text encoder
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's byte -> printable character table (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def write_tokenizer_files(out_dir: str | Path) -> None:
     """Write vocab.json/merges.txt of a CLIP BPE in which every world word is one token.
 
     Byte-level single characters (with and without the end-of-word mark) keep any other text
     encodable; merges are added word by word until each world word collapses to one token.
     """
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
 

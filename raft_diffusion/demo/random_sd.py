@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte-level alphabet: the 256 printable characters its BPE vocabulary is built on."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's byte -> printable character table: the alphabet byte-level BPE vocabularies use."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     extra = 0
@@ -28,14 +28,14 @@ def _bytes_to_unicode() -> list[str]:
             bs.append(b)
             cs.append(256 + extra)
             extra += 1
-    return [chr(c) for c in cs]
+    return dict(zip(bs, map(chr, cs)))
 
 
 def write_char_clip_tokenizer(path: str | Path) -> Path:
     """A character-level CLIP tokenizer (514 tokens, no merges): every text tokenizes, one token per byte."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
@@ -107,18 +107,30 @@ SDXL_SCHEDULER = {
 }
 
 
-def build_random_sd(path: str | Path, preset: str = "tiny", seed: int = 0, sample_size: int = 8, device: str = "cpu") -> Path:
+def build_random_sd(
+    path: str | Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    sample_size: int = 8,
+    device: str = "cpu",
+    prediction_type: str = "epsilon",
+    norm_num_groups: int | None = None,
+) -> Path:
     """Write a random-weight StableDiffusionPipeline (``tiny_xl``: StableDiffusionXLPipeline) folder at
     ``path`` and return ``path``.
 
     ``sample_size`` is the UNet's default latent side (the default image side is twice that for
     ``tiny``, whose two-block VAE downsamples by 2, and 8 times that for ``sd15``).
     Deterministic for a given ``seed``. ``device`` only speeds up initialising large presets.
+    ``prediction_type`` (epsilon or v_prediction) goes to the scheduler; ``norm_num_groups``
+    overrides the preset's GroupNorm groups of the UNet and the VAE.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     spec = PRESETS[preset]
+    if norm_num_groups is not None:
+        spec = {**spec, "unet": {**spec["unet"], "norm_num_groups": norm_num_groups}, "vae": {**spec["vae"], "norm_num_groups": norm_num_groups}}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # Through from_pretrained: transformers 5 ignores vocab_file/merges_file keyword arguments.
@@ -151,7 +163,13 @@ def build_random_sd(path: str | Path, preset: str = "tiny", seed: int = 0, sampl
         return _save_xl(path, spec, unet, vae, text_encoder, tokenizer, device)
     # SD-1.5's scheduler settings (scaled_linear betas, steps_offset 1, set_alpha_to_one False).
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
         unet=unet,
