@@ -33,3 +33,21 @@ def build_tiny_sd(
     sample to sample and a LoRA can shift it.
     """
     return build_random_sd(path, "tiny", seed, sample_size, prediction_type=prediction_type, norm_num_groups=norm_num_groups)
+
+
+def load_lora_collecting_messages(pipe, path) -> list[str]:
+    """``pipe.load_lora_weights(path)``, returning every diffusers log message and warning it raised."""
+    import logging
+    import warnings
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(path))
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    return messages + [str(w.message) for w in caught]

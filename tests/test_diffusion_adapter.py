@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch
 
 from raft_diffusion.adapters.base import Adapter, has_log_ratio
 from raft_diffusion.core.config import from_dict, load_config
-from tests.sd_fixtures import build_tiny_sd
+from tests.sd_fixtures import build_tiny_sd, load_lora_collecting_messages
 
 BASE = {
     "run": {"seed": 0},
@@ -222,17 +220,8 @@ def test_export_loads_in_a_stock_pipeline_with_the_same_images(tiny_sd, tmp_path
                     generator=[torch.Generator().manual_seed(s) for s in seeds]).images
 
     base = stock("latent")
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("diffusers").addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(tmp_path / "lora"))
-    finally:
-        logging.getLogger("diffusers").removeHandler(handler)
-    assert not [m for m in messages + [str(w.message) for w in caught] if "unexpected" in m.lower()]
+    messages = load_lora_collecting_messages(pipe, tmp_path / "lora")
+    assert not [m for m in messages if "unexpected" in m.lower()]
 
     with_lora = stock("latent")
     assert (base - latents(ours)).abs().max() > 1e-3  # the LoRA changes the samples ...

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import torch
 
 from raft_diffusion.demo.random_sd import build_random_sd
+from tests.sd_fixtures import load_lora_collecting_messages
 from tests.test_diffusion_adapter import latents, make_adapter, make_config, one_line, pixels
 
 
@@ -178,17 +177,8 @@ def test_export_loads_in_the_stock_sdxl_pipeline_with_the_same_images(tiny_xl, t
                     generator=[torch.Generator().manual_seed(s) for s in seeds]).images
 
     base = stock("latent")
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("diffusers").addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(tmp_path / "lora"))
-    finally:
-        logging.getLogger("diffusers").removeHandler(handler)
-    assert not [m for m in messages + [str(w.message) for w in caught] if "unexpected" in m.lower()]
+    messages = load_lora_collecting_messages(pipe, tmp_path / "lora")
+    assert not [m for m in messages if "unexpected" in m.lower()]
 
     assert (base - latents(ours)).abs().max() > 1e-3  # the LoRA changes the samples ...
     torch.testing.assert_close(stock("latent"), latents(ours), atol=1e-5, rtol=1e-5)  # ... and the stock pipeline agrees
