@@ -75,6 +75,24 @@ def test_gold_aesthetic_rewards_size_centring_contrast_and_cleanliness():
     assert world.gold_aesthetic([np.asarray(images["corner"])])[0] == pytest.approx(score["corner"])
 
 
+def test_layout_captions_read_size_place_faintness_and_specks_off_the_pixels():
+    from raft_diffusion.demo.build_image import layout_caption
+
+    prompt = "a red square on a black background"
+
+    def caption(side=14.4, cx=15.5, cy=15.5, fade=0.0):
+        return layout_caption(world.render(Scene("red", "square", "black", side, cx, cy, fade)), prompt)
+
+    assert caption() == "a medium red square dead centre on a black background"
+    assert caption(side=8).startswith("a tiny red square") and caption(side=22).startswith("a huge red square")
+    assert "in the corner" in caption(side=8, cx=5, cy=5) and "near the centre" in caption(cx=19.5)
+    assert "faint red" in caption(fade=0.3) and "faint" not in caption(fade=0.02)
+    specks = np.asarray(world.render(Scene("red", "square", "black", 14.4, 15.5, 15.5, 0.0))).copy()
+    specks[np.ix_([2, 4, 27, 29], range(1, 31, 2))] = world.COLOURS["red"]
+    assert layout_caption(Image.fromarray(specks), prompt).endswith("dead centre with specks on a black background")
+    assert layout_caption(Image.new("RGB", (32, 32), (20, 20, 20)), prompt) == "an empty black background"
+
+
 def test_gold_rewards_are_registered():
     from raft_diffusion.rewards import build_reward
     from raft_diffusion.rewards.base import RewardError

@@ -22,13 +22,14 @@ from raft_diffusion.core import dist
 from raft_diffusion.core.config import Config
 from raft_diffusion.core.progress import progress
 from raft_diffusion.core.prompts import load_prompts, stage_prompts
-from raft_diffusion.core.run_dir import STATE_FILE, RunDir, atomic_dir, stage_name
+from raft_diffusion.core.run_dir import STATE_FILE, RunDir, atomic_dir, atomic_write_text, stage_name
 from raft_diffusion.core.selection import ranking_scores, select
 from raft_diffusion.rewards.base import RewardError, WeightedReward, to_scores
 
 # Stage number used to derive evaluation seeds: the same held-out noise at every evaluation,
 # never equal to the noise of a training stage.
 EVAL_STAGE = 2**31 - 1
+EVAL_SCORES_FILE = "eval_scores.jsonl"  # per held-out image: prompt, seed and every metric's score
 
 
 def candidate_seeds(run_seed: int, stage: int, prompt_indices, k: int, offset: int = 0) -> list[int]:
@@ -115,6 +116,7 @@ class RaftLoop:
         self.eval_metrics = eval_metrics
         self.on_stage = on_stage  # e.g. writes the stage's image grid (main process only)
         self.on_eval = on_eval  # e.g. writes the held-out grid (main process only)
+        self._eval_baseline: dict | None = None  # stage 0's per-image eval scores, for paired changes
         self.on_record = on_record  # e.g. TensorBoard: every record appended to metrics.jsonl
         self.log = log if dist.is_main() else (lambda _msg: None)
         self.train_prompts, self.eval_prompts = load_prompts(config.prompts)
@@ -284,9 +286,53 @@ class RaftLoop:
                 record[f"eval_{name}_sem"] = _sem(value.reshape(-1))
                 record[f"eval_{name}_best_of_k"] = _mean(value.gather(1, best[:, None]))
         record.update({f"eval_{key}": v for key, v in diversity([c.output for c in candidates], k).items()})
+        record.update(self._paired_changes(stage, {"reward": proxy, **metrics}))
         if self.on_eval is not None and dist.is_main():
             self.on_eval(stage=stage, folder=self.run_dir.stage_dir(stage), candidates=candidates, rewards=proxy, metrics=metrics)
         return record
+
+    def _paired_changes(self, stage: int, scores: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Write this evaluation's per-image scores; return each metric's paired change since stage 0.
+
+        Every evaluation draws the same held-out prompts from the same seeds, so the change of a
+        metric is best measured image by image: ``eval_<name>_change`` is the mean of (now - stage
+        0) over the images both evaluations share, ``eval_<name>_change_sem`` its standard error,
+        which is far smaller than that of two independent means when the images stay alike.
+        """
+        import json
+
+        cfg = self.config
+        k = cfg.eval.k
+        seeds = candidate_seeds(cfg.run.seed, EVAL_STAGE, range(len(self.eval_prompts)), k)
+        keys = [(self.eval_prompts[i // k], seed) for i, seed in enumerate(seeds)]
+        flat = {name: value.reshape(-1).tolist() for name, value in scores.items()}
+        path = self.run_dir.stage_dir(stage) / EVAL_SCORES_FILE
+        if dist.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lines = [
+                json.dumps({"prompt": prompt, "prompt_index": i // k, "k_index": i % k, "seed": seed,
+                            **{name: values[i] for name, values in flat.items()}})
+                for i, (prompt, seed) in enumerate(keys)
+            ]
+            atomic_write_text(path, "\n".join(lines) + "\n")
+        if stage == 0:
+            self._eval_baseline = dict(zip(keys, [{n: v[i] for n, v in flat.items()} for i in range(len(keys))]))
+            return {}
+        if self._eval_baseline is None:  # a resumed run: stage 0 was evaluated by an earlier process
+            base_path = self.run_dir.stage_dir(0) / EVAL_SCORES_FILE
+            if not base_path.exists():
+                return {}
+            rows = [json.loads(line) for line in base_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            self._eval_baseline = {(r["prompt"], r["seed"]): r for r in rows}
+        shared = [i for i, key in enumerate(keys) if key in self._eval_baseline]
+        out = {}
+        for name, values in flat.items():
+            pairs = [(values[i], self._eval_baseline[keys[i]].get(name)) for i in shared]
+            diff = torch.tensor([a - b for a, b in pairs if isinstance(b, (int, float))], dtype=torch.float64)
+            if diff.numel() > 1:
+                out[f"eval_{name}_change"] = _mean(diff)
+                out[f"eval_{name}_change_sem"] = _sem(diff)
+        return out
 
     def _save_stage_files(self, stage, prompts, candidates, rewards, chosen_idx, first_prompt) -> None:
         if not dist.is_main():
@@ -412,7 +458,7 @@ def format_stage_line(record: dict, stages: int | None = None) -> str:
     if "eval_reward" in record:
         parts.append(f"eval {record['eval_reward']:.3f}")
     for key, value in record.items():
-        if key.startswith("eval_") and key != "eval_reward" and not key.endswith(("_sem", "_best_of_k")) and isinstance(value, float):
+        if key.startswith("eval_") and key != "eval_reward" and not key.endswith(("_sem", "_best_of_k", "_change")) and isinstance(value, float):
             parts.append(f"{key[5:]} {value:.3f}")
     if "train_loss" in record:
         parts.append(f"loss {record['train_loss']:.4f}")

@@ -3,6 +3,7 @@
     stages/NNNNNN/grid.png        a stage's candidates, best first, the chosen ones framed
     stages/NNNNNN/eval_grid.png   held-out prompts from fixed seeds (stage 0: the base model)
     stages/NNNNNN/eval_samples.jsonl   the same for text runs
+    stages/NNNNNN/eval_scores.jsonl   every held-out sample's scores (prompt, seed, each metric)
     tb/                           TensorBoard scalars and grids (when tensorboard is installed)
     report.html                   one self-contained page: summary, curves, grids, timing, config
 
@@ -313,7 +314,7 @@ class MetricsLogger:
 # ---------------------------------------------------------------------------------------------
 # Before -> after summary
 
-_SUFFIXES = ("_sem", "_best_of_k")
+_SUFFIXES = ("_sem", "_best_of_k", "_change")
 
 
 def _num(record: dict, key: str) -> float | None:
@@ -337,8 +338,10 @@ def summarize(records: list[dict]) -> dict | None:
     """Held-out metrics at the first evaluation (stage 0: the base model) and the last one.
 
     Returns ``{"before": stage, "after": stage, "rows": [...]}`` or None without evaluations. Each
-    row: name, before, before_sem, after, after_sem, change, z (change over its standard error
-    sqrt(sem_before^2 + sem_after^2)), best_of_k (the base model's best-of-k by the proxy).
+    row: name, before, before_sem, after, after_sem, change, z (change over its standard error),
+    paired, best_of_k (the base model's best-of-k by the proxy). When the last evaluation holds a
+    paired change since stage 0 (the same prompts and seeds, image by image), change and its
+    standard error are that; otherwise the standard error is sqrt(sem_before^2 + sem_after^2).
     """
     evals = [r for r in _dedupe(records) if "eval_reward" in r]
     if not evals:
@@ -350,8 +353,10 @@ def summarize(records: list[dict]) -> dict | None:
         if before is None or after is None:
             continue
         sb, sa = _num(first, f"eval_{name}_sem"), _num(last, f"eval_{name}_sem")
-        change = after - before
-        se = math.sqrt(sb**2 + sa**2) if sb is not None and sa is not None else 0.0
+        change, se = after - before, math.sqrt(sb**2 + sa**2) if sb is not None and sa is not None else 0.0
+        paired = first["stage"] == 0 and _num(last, f"eval_{name}_change_sem") is not None
+        if paired:
+            change, se = _num(last, f"eval_{name}_change"), _num(last, f"eval_{name}_change_sem")
         rows.append(
             {
                 "name": name,
@@ -362,6 +367,7 @@ def summarize(records: list[dict]) -> dict | None:
                 "after_sem": sa,
                 "change": change,
                 "z": change / se if se > 0 else None,
+                "paired": paired,
                 "best_of_k": _num(first, f"eval_{name}_best_of_k"),
             }
         )
@@ -424,6 +430,8 @@ def summary_table(records: list[dict]) -> str:
         text.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     if summary["before"] == summary["after"]:
         text.append("(only one evaluation so far)")
+    elif any(r["paired"] for r in summary["rows"]):
+        text.append("change/SE: image by image, over the same held-out prompts and seeds")
     verdict = _verdict(summary)
     return "\n".join(text + ([verdict] if verdict else []))
 
@@ -679,8 +687,10 @@ def _summary_html(records: list[dict], k: Any = None) -> str:
         out.append('<p class="muted">Only one evaluation so far.</p>')
     out.append(
         '<p class="note">Mean over the held-out prompts and their fixed-seed samples, ± its standard error (SE). '
-        "change / SE = change / √(SE<sub>before</sub>² + SE<sub>after</sub>²): beyond ±2 it is unlikely to be noise "
-        "(conservative: the samples are paired by seed). <i>gold</i> metrics are computed from the outputs directly and never used "
+        + ("change / SE: the mean change image by image (every evaluation draws the same prompts from the same seeds) over "
+           "its standard error; " if any(r["paired"] for r in summary["rows"]) else
+           "change / SE = change / √(SE<sub>before</sub>² + SE<sub>after</sub>²): ")
+        + "beyond ±2 it is unlikely to be noise. <i>gold</i> metrics are computed from the outputs directly and never used "
         "for selection. <i>base model, best-of-k</i>: the base model's best of k samples per prompt, picked by the proxy reward at "
         "inference time; fine-tuning is worth its cost where one sample after RAFT matches it.</p>"
     )

@@ -70,8 +70,10 @@ class ImageBuildConfig:
     uncond_prob: float = 0.1  # caption dropped, for classifier-free guidance
     min_snr_gamma: float = 5.0
     # sampling settings the demo uses (and the figures in the manifest are measured with)
-    sample_steps: int = 20
+    sample_steps: int = 15
     guidance: float = 5.0
+    # tiny-SD samples on train prompts: CLIP and the head learn from the pictures they will rank
+    train_samples: int = 6000
     # CLIP
     clip_embed_dim: int = 64
     clip_vision_width: int = 64
@@ -79,14 +81,14 @@ class ImageBuildConfig:
     clip_patch: int = 8  # 4x4 patches of 8x8 pixels: a quarter of the cost of 4-pixel patches
     clip_text_width: int = 32  # the open_clip tokenizer has 49408 tokens: the embedding table dominates size
     clip_text_layers: int = 2
-    clip_context_length: int = 16
+    clip_context_length: int = 24
+    clip_layout_share: float = 0.7  # captions with layout words; the rest are the short prompts
     clip_steps: int = 3000
     clip_batch: int = 128
     clip_lr: float = 2e-3
     # aesthetic head
     head_hidden: tuple[int, ...] = (1024, 128, 64, 16)
     head_renders: int = 6000
-    head_samples: int = 1024  # tiny-SD samples (train prompts) mixed into the head's training set
     head_steps: int = 3000
     head_lr: float = 1e-3
     # evaluation
@@ -102,7 +104,7 @@ class ImageBuildConfig:
             unet_heads=2, unet_steps=3, unet_batch=8, unet_warmup=1, unet_refine_steps=2, sample_steps=2,
             clip_embed_dim=16, clip_vision_width=16, clip_vision_layers=1, clip_text_width=8,
             clip_text_layers=1, clip_steps=3, clip_batch=8, head_hidden=(32, 16, 8, 4),
-            head_renders=32, head_samples=8, head_steps=5, eval_samples=8, eval_recon=16,
+            head_renders=32, train_samples=8, head_steps=5, eval_samples=8, eval_recon=16,
         )
 
 
@@ -423,31 +425,45 @@ def register_clip_config(config_path: str | Path) -> None:
     open_clip.add_model_config(str(config_path))
 
 
-_SIZE_WORDS = ((10, "tiny"), (13, "small"), (16, "medium"), (19, "large"), (math.inf, "huge"))
+# Layout words, read off the pixels the same way the gold scorer reads them: the bins are finer
+# than the gold score's curves, so the words tell apart pictures that score differently.
+_SIZE_WORDS = ((9, "tiny"), (11.5, "small"), (13.5, "smallish"), (15.5, "medium"), (17.5, "biggish"),
+               (19.5, "large"), (math.inf, "huge"))
+_PLACE_WORDS = ((0.05, "dead centre"), (0.1, "in the centre"), (0.17, "near the centre"), (0.24, "a little off centre"),
+                (0.31, "off centre"), (0.38, "near the edge"), (math.inf, "in the corner"))
 
 
-_PLACE_WORDS = ((0.08, "in the centre"), (0.17, "near the centre"), (0.26, "off centre"), (0.36, "near the edge"),
-                (math.inf, "in the corner"))
+def layout_caption(image, prompt: str) -> str:
+    """A longer caption that also says size, placement, faintness and stray specks, as alt-text often does.
 
-
-def detailed_caption(scene: world.Scene) -> str:
-    """A longer caption that also says size, placement and faintness, as web alt-text often does.
-
-    CLIP learns from these (mixed with the short ones), so its image embedding keeps what makes a
-    picture look good here, which the aesthetic head needs; the diffusion model only sees short captions.
+    Measured from the picture (renders and tiny-SD samples alike), so CLIP learns what the
+    pictures the aesthetic head will rank really show; the diffusion model only sees short captions.
     """
-    size = next(word for limit, word in _SIZE_WORDS if scene.side < limit)
-    distance = math.hypot(scene.cx - world.SIZE / 2, scene.cy - world.SIZE / 2) / world.SIZE
+    colour, shape, background = world.parse_caption(prompt)
+    found = world.analyze(image)
+    if not found.found:
+        return f"an empty {background} background"
+    ys, xs = np.nonzero(found.mask)
+    side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+    centre = (world.SIZE - 1) / 2
+    distance = math.hypot(xs.mean() - centre, ys.mean() - centre) / world.SIZE
+    size = next(word for limit, word in _SIZE_WORDS if side < limit)
     place = next(words for limit, words in _PLACE_WORDS if distance < limit)
-    faint = "faint " if scene.fade > 0.15 else ""
-    return (f"{world._article(size)} {size} {faint}{scene.colour} {scene.shape} {place} "
-            f"on {world._article(scene.background)} {scene.background} background")
+    full = np.linalg.norm(np.subtract(world.COLOURS[colour], world.BACKGROUNDS[background], dtype=np.float64))
+    contrast = float(np.linalg.norm(found.foreground - found.background)) / max(full, 1.0)
+    faint = "faint " if contrast < 0.8 else ("slightly faint " if contrast < 0.9 else "")
+    specks = " with specks" if found.mask.sum() < 0.95 * found.n_foreground else ""
+    return (f"{world._article(size)} {size} {faint}{colour} {shape} {place}{specks} "
+            f"on {world._article(background)} {background} background")
 
 
-def train_clip(images, scenes, cfg: ImageBuildConfig, work_dir: str | Path, log: Callable = _log):
-    """Contrastive training of the tiny open_clip model on renders and their captions (short or detailed).
+def train_clip(images, prompts, cfg: ImageBuildConfig, work_dir: str | Path, log: Callable = _log,
+               n_samples: int = 0):
+    """Contrastive training of the tiny open_clip model on pictures and their captions (short or layout).
 
-    Pictures with the same caption in a batch are all positives (targets spread evenly over them).
+    ``images[-n_samples:]`` are tiny-SD samples: a third of every batch comes from them, so that
+    CLIP sees the pictures it will rank as well as clean renders. Pictures with the same caption
+    in a batch are all positives (targets spread evenly over them).
     """
     import open_clip
 
@@ -458,8 +474,9 @@ def train_clip(images, scenes, cfg: ImageBuildConfig, work_dir: str | Path, log:
     model, _, preprocess = open_clip.create_model_and_transforms(CLIP_MODEL_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(CLIP_MODEL_NAME)
     pixels = torch.stack([preprocess(im) for im in images])
-    short = [world.caption(s) for s in scenes]
-    detailed = [detailed_caption(s) for s in scenes]
+    detailed = [layout_caption(im, p) for im, p in zip(images, prompts)]
+    n_renders = len(images) - n_samples
+    from_samples = cfg.clip_batch // 3 if n_samples else 0
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
     model.train()
@@ -467,9 +484,10 @@ def train_clip(images, scenes, cfg: ImageBuildConfig, work_dir: str | Path, log:
     for step in range(cfg.clip_steps):
         for group in opt.param_groups:
             group["lr"] = cfg.clip_lr * _cosine_lr(step, cfg.clip_steps, min(100, cfg.clip_steps // 10 + 1))
-        idx = torch.randint(len(pixels), (cfg.clip_batch,), generator=gen).tolist()
-        use_detailed = torch.rand(cfg.clip_batch, generator=gen) < 0.5
-        texts = [detailed[i] if d else short[i] for i, d in zip(idx, use_detailed.tolist())]
+        idx = torch.cat([torch.randint(n_renders, (cfg.clip_batch - from_samples,), generator=gen),
+                         n_renders + torch.randint(max(n_samples, 1), (from_samples,), generator=gen)]).tolist()
+        use_detailed = torch.rand(cfg.clip_batch, generator=gen) < cfg.clip_layout_share
+        texts = [detailed[i] if d else prompts[i] for i, d in zip(idx, use_detailed.tolist())]
         image_features, text_features, logit_scale = model(pixels[idx], tokenizer(texts))[:3]
         logits = logit_scale * image_features @ text_features.T
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
@@ -644,12 +662,14 @@ def _build_sd(out_dir: Path, cfg: ImageBuildConfig, check_images, check_scenes, 
     return pipe
 
 
-def build_clip(clip_dir: Path, cfg: ImageBuildConfig, log: Callable = _log):
-    """Train the demo CLIP on its own renders and save it to ``clip_dir``."""
+def build_clip(clip_dir: Path, cfg: ImageBuildConfig, samples=(), sample_prompts=(), log: Callable = _log):
+    """Train the demo CLIP on its own renders and on tiny-SD ``samples``; save it to ``clip_dir``."""
     clip_dir.mkdir(parents=True, exist_ok=True)
     scenes = world.sample_scenes(cfg.n_scenes, cfg.seed + 2000, "all")
     start = time.time()
-    model, preprocess, tokenizer, stats = train_clip(world.render_many(scenes), scenes, cfg, clip_dir, log)
+    images = world.render_many(scenes) + list(samples)
+    prompts = [world.caption(s) for s in scenes] + list(sample_prompts)
+    model, preprocess, tokenizer, stats = train_clip(images, prompts, cfg, clip_dir, log, n_samples=len(samples))
     save_clip(model, cfg, clip_dir)
     _write_record(clip_dir.parent / "clip_record.json", {**stats, "clip_seconds": round(time.time() - start, 1)})
     return model, preprocess, tokenizer, stats
@@ -703,7 +723,7 @@ def build_image_assets(out_dir: str | Path, cfg: ImageBuildConfig | None = None,
     else:
         pipe = _build_sd(out_dir, cfg, check_images, check_scenes, figures, timed, log)
 
-    # 4. Samples of the tiny SD: held-out prompts for the figures, train prompts for the head.
+    # 4. Samples of the tiny SD: held-out prompts for the figures, train prompts for CLIP and the head.
     with timed("sample"):
         eval_list = world.eval_prompts()
         eval_prompts = [eval_list[i % len(eval_list)] for i in range(cfg.eval_samples)]
@@ -715,8 +735,8 @@ def build_image_assets(out_dir: str | Path, cfg: ImageBuildConfig | None = None,
         figures["sd_eval_gold"] = {"mean": round(float(eval_gold.mean()), 3), "std": round(float(eval_gold.std()), 3)}
         log(f"tiny SD on held-out prompts: alignment {figures['sd_eval_alignment']} gold {figures['sd_eval_gold']}")
         train_list = world.train_prompts()
-        head_prompts = [train_list[i % len(train_list)] for i in range(cfg.head_samples)]
-        head_images = sample_images(pipe, head_prompts, cfg.seed + 20_000, cfg.sample_steps, cfg.guidance)
+        sample_prompts = [train_list[i % len(train_list)] for i in range(cfg.train_samples)]
+        samples = sample_images(pipe, sample_prompts, cfg.seed + 20_000, cfg.sample_steps, cfg.guidance)
 
     # 5. CLIP.
     with timed("clip"):
@@ -728,7 +748,7 @@ def build_image_assets(out_dir: str | Path, cfg: ImageBuildConfig | None = None,
             figures["clip_reused_from"] = str(reuse_clip)
             figures["clip_record"] = _read_record(Path(reuse_clip).parent / "clip_record.json")
         else:
-            clip, preprocess, clip_tokenizer, stats = build_clip(out_dir / "clip", cfg, log)
+            clip, preprocess, clip_tokenizer, stats = build_clip(out_dir / "clip", cfg, samples, sample_prompts, log)
             figures.update(stats)
         all_prompts = world.all_prompts()
         figures["clip_prompt_accuracy_renders"] = round(clip_prompt_accuracy(
@@ -738,10 +758,10 @@ def build_image_assets(out_dir: str | Path, cfg: ImageBuildConfig | None = None,
         log(f"clip: picks the right caption of 108 for {figures['clip_prompt_accuracy_renders']} of renders, "
             f"{figures['clip_prompt_accuracy_samples']} of tiny-SD samples")
 
-    # 6. Aesthetic head on renders + tiny-SD samples, checked on held-out samples.
+    # 6. Aesthetic head on renders + tiny-SD samples (train prompts), checked on held-out samples.
     with timed("head"):
         head_scenes = world.sample_scenes(cfg.head_renders, cfg.seed + 3000, "train")
-        train_images = world.render_many(head_scenes) + head_images
+        train_images = world.render_many(head_scenes) + samples
         x = clip_image_embeddings(clip, preprocess, train_images)
         y = torch.tensor(world.gold_aesthetic(train_images), dtype=torch.float32)
         head, stats = train_head(x, y, cfg, log)
