@@ -185,7 +185,7 @@ def test_summary_table_matches_the_metrics(toy_run):
     text = report.summary_table(records)
     assert "stage 0 (base model) -> stage 4" in text
     line = next(line for line in text.splitlines() if line.startswith("reward (proxy)"))
-    # change and its SE are paired image by image: recompute them from the per-image score files
+    # change and its SE are paired sample by sample: recompute them from the per-sample score files
     first, last = ([json.loads(x) for x in (run_dir.stage_dir(s) / "eval_scores.jsonl").read_text().splitlines()] for s in (0, 4))
     assert [(a["prompt"], a["seed"]) for a in first] == [(b["prompt"], b["seed"]) for b in last]
     diff = np.array([b["reward"] - a["reward"] for a, b in zip(first, last)])
@@ -193,7 +193,7 @@ def test_summary_table_matches_the_metrics(toy_run):
     assert change == pytest.approx(after["eval_reward"] - before["eval_reward"], abs=1e-6)
     assert se == pytest.approx(after["eval_reward_change_sem"], rel=1e-6)
     z = change / se
-    assert "image by image" in text.splitlines()[-1]
+    assert "sample by sample" in text.splitlines()[-1]
     expected = [
         f"{before['eval_reward']:.3f} ± {before['eval_reward_sem']:.3f}",
         f"{after['eval_reward']:.3f} ± {after['eval_reward_sem']:.3f}",

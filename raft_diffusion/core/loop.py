@@ -295,9 +295,9 @@ class RaftLoop:
         """Write this evaluation's per-image scores; return each metric's paired change since stage 0.
 
         Every evaluation draws the same held-out prompts from the same seeds, so the change of a
-        metric is best measured image by image: ``eval_<name>_change`` is the mean of (now - stage
-        0) over the images both evaluations share, ``eval_<name>_change_sem`` its standard error,
-        which is far smaller than that of two independent means when the images stay alike.
+        metric is best measured sample by sample: ``eval_<name>_change`` is the mean of (now - stage
+        0) over the samples both evaluations share, ``eval_<name>_change_sem`` its standard error,
+        which is far smaller than that of two independent means when the samples stay alike.
         """
         import json
 

@@ -340,7 +340,7 @@ def summarize(records: list[dict]) -> dict | None:
     Returns ``{"before": stage, "after": stage, "rows": [...]}`` or None without evaluations. Each
     row: name, before, before_sem, after, after_sem, change, z (change over its standard error),
     paired, best_of_k (the base model's best-of-k by the proxy). When the last evaluation holds a
-    paired change since stage 0 (the same prompts and seeds, image by image), change and its
+    paired change since stage 0 (the same prompts and seeds, sample by sample), change and its
     standard error are that; otherwise the standard error is sqrt(sem_before^2 + sem_after^2).
     """
     evals = [r for r in _dedupe(records) if "eval_reward" in r]
@@ -431,7 +431,7 @@ def summary_table(records: list[dict]) -> str:
     if summary["before"] == summary["after"]:
         text.append("(only one evaluation so far)")
     elif any(r["paired"] for r in summary["rows"]):
-        text.append("change/SE: image by image, over the same held-out prompts and seeds")
+        text.append("change/SE: sample by sample, over the same held-out prompts and seeds")
     verdict = _verdict(summary)
     return "\n".join(text + ([verdict] if verdict else []))
 
@@ -687,7 +687,7 @@ def _summary_html(records: list[dict], k: Any = None) -> str:
         out.append('<p class="muted">Only one evaluation so far.</p>')
     out.append(
         '<p class="note">Mean over the held-out prompts and their fixed-seed samples, ± its standard error (SE). '
-        + ("change / SE: the mean change image by image (every evaluation draws the same prompts from the same seeds) over "
+        + ("change / SE: the mean change sample by sample (every evaluation draws the same prompts from the same seeds) over "
            "its standard error; " if any(r["paired"] for r in summary["rows"]) else
            "change / SE = change / √(SE<sub>before</sub>² + SE<sub>after</sub>²): ")
         + "beyond ±2 it is unlikely to be noise. <i>gold</i> metrics are computed from the outputs directly and never used "
