@@ -29,7 +29,7 @@ from raft_diffusion.rewards.base import RewardError, WeightedReward, to_scores
 # Stage number used to derive evaluation seeds: the same held-out noise at every evaluation,
 # never equal to the noise of a training stage.
 EVAL_STAGE = 2**31 - 1
-EVAL_SCORES_FILE = "eval_scores.jsonl"  # per held-out image: prompt, seed and every metric's score
+EVAL_SCORES_FILE = "eval_scores.jsonl"  # per held-out sample: prompt, seed and every metric's score
 
 
 def candidate_seeds(run_seed: int, stage: int, prompt_indices, k: int, offset: int = 0) -> list[int]:
@@ -116,7 +116,7 @@ class RaftLoop:
         self.eval_metrics = eval_metrics
         self.on_stage = on_stage  # e.g. writes the stage's image grid (main process only)
         self.on_eval = on_eval  # e.g. writes the held-out grid (main process only)
-        self._eval_baseline: dict | None = None  # stage 0's per-image eval scores, for paired changes
+        self._eval_baseline: dict | None = None  # stage 0's per-sample eval scores, for paired changes
         self.on_record = on_record  # e.g. TensorBoard: every record appended to metrics.jsonl
         self.log = log if dist.is_main() else (lambda _msg: None)
         self.train_prompts, self.eval_prompts = load_prompts(config.prompts)
@@ -292,7 +292,7 @@ class RaftLoop:
         return record
 
     def _paired_changes(self, stage: int, scores: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Write this evaluation's per-image scores; return each metric's paired change since stage 0.
+        """Write this evaluation's per-sample scores; return each metric's paired change since stage 0.
 
         Every evaluation draws the same held-out prompts from the same seeds, so the change of a
         metric is best measured sample by sample: ``eval_<name>_change`` is the mean of (now - stage
