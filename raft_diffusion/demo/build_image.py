@@ -130,6 +130,13 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _set_lr(opt: torch.optim.Optimizer, peak: float, step: int, total: int, warmup: int | None = None) -> None:
+    """Linear warm-up (by default a tenth of the run, at most 100 steps), then cosine decay to a tenth."""
+    warmup = min(100, total // 10 + 1) if warmup is None else warmup
+    for group in opt.param_groups:
+        group["lr"] = peak * _cosine_lr(step, total, warmup)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and text encoder
 
@@ -215,8 +222,7 @@ def train_vae(pixels: torch.Tensor, cfg: ImageBuildConfig, log: Callable = _log,
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
     for step in range(cfg.vae_steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * _cosine_lr(step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
+        _set_lr(opt, cfg.vae_lr, step, cfg.vae_steps)
         x = pixels[torch.randint(len(pixels), (cfg.vae_batch,), generator=gen)].to(device)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
@@ -331,8 +337,7 @@ def train_unet(latent_mean, latent_std, prompt_index, prompts, tokenizer, text_e
     text_encoder.train()
     losses, start, steps_done = [], time.time(), 0
     for step in range(cfg.unet_steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.unet_lr * _cosine_lr(step, cfg.unet_steps, cfg.unet_warmup)
+        _set_lr(opt, cfg.unet_lr, step, cfg.unet_steps, cfg.unet_warmup)
         idx = torch.randint(len(latent_mean), (cfg.unet_batch,), generator=gen)
         latents = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling_factor
         cond = prompt_index[idx].clone()
@@ -482,8 +487,7 @@ def train_clip(images, prompts, cfg: ImageBuildConfig, work_dir: str | Path, log
     model.train()
     losses = []
     for step in range(cfg.clip_steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.clip_lr * _cosine_lr(step, cfg.clip_steps, min(100, cfg.clip_steps // 10 + 1))
+        _set_lr(opt, cfg.clip_lr, step, cfg.clip_steps)
         idx = torch.cat([torch.randint(n_renders, (cfg.clip_batch - from_samples,), generator=gen),
                          n_renders + torch.randint(max(n_samples, 1), (from_samples,), generator=gen)]).tolist()
         use_detailed = torch.rand(cfg.clip_batch, generator=gen) < cfg.clip_layout_share
@@ -553,8 +557,7 @@ def train_head(embeddings: torch.Tensor, scores: torch.Tensor, cfg: ImageBuildCo
     head.train()
     losses = []
     for step in range(cfg.head_steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.head_lr * _cosine_lr(step, cfg.head_steps, min(100, cfg.head_steps // 10 + 1))
+        _set_lr(opt, cfg.head_lr, step, cfg.head_steps)
         idx = torch.randint(len(embeddings), (256,), generator=gen)
         loss = F.mse_loss(head(embeddings[idx]).squeeze(1), scores[idx])
         opt.zero_grad(set_to_none=True)
