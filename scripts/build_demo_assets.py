@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,20 @@ def _write_manifest(out: Path, section: str, entry: dict) -> None:
     os.replace(tmp, path)
 
 
+def _build_command() -> dict:
+    """The command line as it was run and the source it ran, so the manifest names the build exactly."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {"command": " ".join(["python scripts/build_demo_assets.py", *sys.argv[1:]]),
+            "commit": commit, "uncommitted_changes": dirty}
+
+
 def _folder_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2)
 
@@ -75,7 +90,7 @@ def build_image(out: Path, quick: bool, seed: int, threads: int | None, reuse_sd
     _install(tmp, out, IMAGE_ASSETS)
     shutil.rmtree(tmp, ignore_errors=True)
     entry = {
-        "script": "scripts/build_demo_assets.py --only image" + (" --quick" if quick else ""),
+        **_build_command(),
         "seed": seed, "quick": quick, "wall_seconds": round(time.time() - start, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {cfg.threads}",
@@ -88,17 +103,13 @@ def build_image(out: Path, quick: bool, seed: int, threads: int | None, reuse_sd
 
 
 def build_text(out: Path, quick: bool, seed: int) -> None:
-    try:
-        from raft_diffusion.demo.build_text import build_text_assets
-    except ModuleNotFoundError as err:
-        if err.name != "raft_diffusion.demo.build_text":
-            raise
-        print("text assets skipped: raft_diffusion/demo/build_text.py is not available")
-        return
+    from raft_diffusion.demo.build_text import build_text_assets
+
     start = time.time()
     figures = build_text_assets(out, quick=quick, seed=seed)
-    _write_manifest(out, "text", {"script": "scripts/build_demo_assets.py --only text" + (" --quick" if quick else ""),
+    _write_manifest(out, "text", {**_build_command(),
                                   "seed": seed, "quick": quick, "wall_seconds": round(time.time() - start, 1),
+                                  "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                   **(figures or {})})
 
 
