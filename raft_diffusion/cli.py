@@ -32,13 +32,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raft_diffusion.core.config import ConfigError
     from raft_diffusion.core.prompts import PromptError
     from raft_diffusion.core.run_dir import RunDirError
-    from raft_diffusion.rewards.base import RewardError
+    from raft_diffusion.core.protocols import RewardError
 
     errors: list[type[BaseException]] = [ConfigError, PromptError, RunDirError, RewardError, MissingAssetError]
     for module, name in (
         ("raft_diffusion.adapters.diffusion", "ModelNotFoundError"),
         ("raft_diffusion.adapters.diffusion", "LoraError"),
         ("raft_diffusion.adapters.llm", "ModelNotFoundError"),
+        ("raft_diffusion.adapters.training", "CheckpointMismatchError"),
         ("aesthetic.loading", "WeightsNotFoundError"),
         ("aesthetic.loading", "ClipConfigError"),
         ("aesthetic.predictor", "HeadError"),
@@ -83,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from raft_diffusion.core import report
+    from raft_diffusion import report
     from raft_diffusion.core.run_dir import RunDir, RunDirError
 
     run_dir = RunDir(args.run_dir)

@@ -96,7 +96,7 @@ def _write(rows: list[tuple[str, float]], out: str | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Score the images ``args`` names; returns the exit status."""
-    from raft_diffusion.rewards.base import build_reward
+    from raft_diffusion.rewards import build_reward
 
     if args.out is not None and Path(args.out).suffix.lower() not in OUT_FORMATS:
         raise ScoreError(f"--out must end in .csv or .jsonl, got {args.out!r}")

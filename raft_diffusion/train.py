@@ -9,10 +9,11 @@ from pathlib import Path
 
 from raft_diffusion.core import dist, progress
 from raft_diffusion.core.config import Config, save_config
+from raft_diffusion.core.guard import check_guard
 from raft_diffusion.core.loop import RaftLoop
 from raft_diffusion.core.prompts import load_prompts
 from raft_diffusion.core.run_dir import RunDir
-from raft_diffusion.rewards.base import build_reward
+from raft_diffusion.rewards import build_reward
 
 
 def resolve_device(name: str) -> str:
@@ -52,8 +53,8 @@ def quiet_model_libraries() -> None:
 def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunDir:
     """Run (or resume) the RAFT run that ``config`` describes; returns its run folder."""
     progress.set_quiet(quiet)
-    # 1. Check everything that needs no model: prompts, rewards, the run folder.
-    load_prompts(config.prompts)
+    # 1. Check everything that needs no model: prompts, rewards, guard, the run folder.
+    _, eval_prompts = load_prompts(config.prompts)
     accelerator = make_accelerator(config)  # first: it sets up the process group under accelerate launch
     device = str(accelerator.device)
     if device == "cpu" and config.run.cpu_threads:
@@ -62,6 +63,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
         torch.set_num_threads(config.run.cpu_threads)
     reward = build_reward(config.rewards, device=device)  # reward models load lazily, on first use
     eval_metrics = build_reward(config.eval.metrics, device=device) if config.eval.metrics else None
+    check_guard(config, eval_metrics, bool(eval_prompts))
     run_dir = RunDir(Path(config.run.output_dir) / config.run.name)
     start_after = run_dir.prepare(resume=resume, overwrite=overwrite) if dist.is_main() else 0
     start_after = dist.broadcast_object(start_after)
@@ -72,10 +74,11 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     quiet_model_libraries()
     from raft_diffusion.adapters import build_adapter
 
-    adapter = build_adapter(config, accelerator)
+    with progress.phase(f"loading {config.model.pretrained}"):
+        adapter = build_adapter(config, accelerator)
 
     # 3. Run the stages, then write the report.
-    from raft_diffusion.core import report
+    from raft_diffusion import report
 
     log = (lambda _msg: None) if quiet else progress.write
     images = report.StageImages(config) if config.run.save_images else None
@@ -99,5 +102,5 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     if dist.is_main() and config.log.report:
         report.write_report(run_dir)
     if dist.is_main() and not quiet:
-        print(report.summary_table(run_dir.read_metrics()))
+        print(report.summary_table(run_dir.read_metrics(), report.read_outcome(run_dir)))
     return run_dir

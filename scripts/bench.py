@@ -269,7 +269,7 @@ def make_reward(args):
     import open_clip
 
     from aesthetic.predictor import AestheticPredictor
-    from raft_diffusion.rewards.base import FunctionReward, WeightedReward
+    from raft_diffusion.core.scores import FunctionReward, WeightedReward
 
     if args.quick:
         cfg = {

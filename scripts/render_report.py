@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     html = args.run_dir if args.run_dir.suffix == ".html" else args.run_dir / "report.html"
     if not html.exists():
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from raft_diffusion.core.report import write_report
+        from raft_diffusion.report import write_report
 
         html = write_report(args.run_dir)
     screenshot(html, args.out, args.width, args.height)

@@ -38,3 +38,16 @@ def brightness_with_marker(images, prompts):
     (folder / f"score-{calls:03d}").touch()
     time.sleep(0.3)
     return brightness(images, prompts)
+
+
+def good_count_with_marker(texts, prompts):
+    """How often a response says "good", announcing each call with a marker file (see above)."""
+    import os
+    import time
+    from pathlib import Path
+
+    folder = Path(os.environ["RAFT_TEST_MARKERS"])
+    calls = len(list(folder.glob("score-*")))
+    (folder / f"score-{calls:03d}").touch()
+    time.sleep(0.3)
+    return [float(t.split().count("good")) for t in texts]

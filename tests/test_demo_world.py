@@ -95,7 +95,7 @@ def test_layout_captions_read_size_place_faintness_and_specks_off_the_pixels():
 
 def test_gold_rewards_are_registered():
     from raft_diffusion.rewards import build_reward
-    from raft_diffusion.rewards.base import RewardError
+    from raft_diffusion.core.protocols import RewardError
 
     scenes = world.sample_scenes(6, seed=2)
     images, prompts = world.render_many(scenes), [world.caption(s) for s in scenes]

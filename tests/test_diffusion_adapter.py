@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from raft_diffusion.adapters.base import Adapter, has_log_ratio
+from raft_diffusion.core.protocols import Adapter, has_log_ratio
 from raft_diffusion.core.config import from_dict, load_config
 from tests.sd_fixtures import build_tiny_sd, load_lora_collecting_messages
 
@@ -180,7 +180,8 @@ def test_save_load_resumes_bit_for_bit(tiny_sd, tmp_path):
     first = make_adapter(tiny_sd, **sections)
     first.finetune(chosen)
     first.save(tmp_path / "ckpt")
-    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"lora.safetensors", "optimizer.pt", "rng_state_0.pt"}
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {
+        "trainable.safetensors", "optimizer.bin", "random_states_0.pkl", "finetuner.json", "train_generator.safetensors"}
 
     torch.manual_seed(99)  # the restored RNG, not this, must drive the second stage
     resumed = make_adapter(tiny_sd, **sections)

@@ -20,7 +20,7 @@ from clip_fixtures import (  # noqa: F401  (fixtures)
     tiny_head_state,
 )
 from raft_diffusion import scoring
-from raft_diffusion.rewards.base import build_reward
+from raft_diffusion.rewards import build_reward
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 

@@ -1,18 +1,15 @@
 """LLM adapter and text rewards on a tiny GPT-2 built from config (offline, CPU, seconds)."""
 
+import math
 import sys
 import types
 
 import pytest
 import torch
 from accelerate import Accelerator
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
-    GPT2Config,
     GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
 )
 
 from raft_diffusion.adapters.llm import (
@@ -25,43 +22,17 @@ from raft_diffusion.adapters.llm import (
 from raft_diffusion.core.config import from_dict
 from raft_diffusion.rewards import build_reward
 from raft_diffusion.core.loop import distinct_n
+from tests.lm_fixtures import PROMPTS, build_tiny_classifier, build_tiny_lm, make_tokenizer, tiny_config  # noqa: F401
 from raft_diffusion.rewards.text import FILTERED_SCORE
-
-WORDS = "the a movie pizza phone was is and but good bad great awful nice dull it i liked hated very".split()
-PROMPTS = ["the movie was", "a pizza is", "the phone was"]
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<eos>": 0, "<pad>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-
-
-def tiny_config(tokenizer, **extra) -> GPT2Config:
-    return GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                      initializer_range=0.2, eos_token_id=0, bos_token_id=0, pad_token_id=1, **extra)
-
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_lm")
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(tiny_config(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_cls")
-    tokenizer = make_tokenizer()
-    torch.manual_seed(1)
-    config = tiny_config(tokenizer, num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
-    GPT2ForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return build_tiny_classifier(tmp_path_factory.mktemp("tiny_cls"))
 
 
 def make_config(lm_dir, **sections):
@@ -219,7 +190,7 @@ def test_resume_is_bit_identical(lm_dir, tmp_path, rank):
     torch.manual_seed(123)
     _one_stage(first, 0)
     first.save(tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "rng_state_0.pt").is_file()
+    assert (tmp_path / "ckpt" / "random_states_0.pkl").is_file()
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -338,3 +309,24 @@ def test_distinct_n():
     assert distinct_n(["a b c", "a b d"], n=2) == pytest.approx(3 / 4)
     assert distinct_n(["a a a a"], n=1) == pytest.approx(1 / 4)
     assert distinct_n(["one"], n=2) == 0.0
+
+
+def test_llm_run_through_the_loop_shows_its_loss(lm_dir, tmp_path, capsys):
+    from raft_diffusion.core.loop import format_stage_line
+    from raft_diffusion.core.protocols import TRAIN_STATS
+    from raft_diffusion.train import train
+
+    config = make_config(lm_dir, run={"output_dir": str(tmp_path), "name": "llm", "stages": 2, "save_images": False},
+                         prompts={"items": PROMPTS, "eval_items": ["a movie is"]}, eval={"every": 1, "k": 4},
+                         log={"tensorboard": False, "report": True})
+    run_dir = train(config)
+    records = run_dir.read_metrics()
+    trained = [r for r in records if r["stage"] > 0]
+    assert len(trained) == 2
+    for r in trained:
+        assert {f"train_{key}" for key in TRAIN_STATS} <= set(r)  # the same keys as the diffusion adapter's
+        assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
+        assert f"loss {r['train_loss']:.4f}" in format_stage_line(r, 2)
+    assert "loss " in capsys.readouterr().out  # the stage lines printed during the run
+    assert 'alt="loss"' in run_dir.report.read_text()  # the report plots it
+    assert (run_dir.final / "adapter_config.json").is_file()

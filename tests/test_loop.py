@@ -8,7 +8,7 @@ import torch
 
 from raft_diffusion.core.loop import RaftLoop, candidate_seeds
 from raft_diffusion.core.run_dir import RunDir
-from raft_diffusion.rewards.base import RewardError
+from raft_diffusion.core.protocols import RewardError
 from tests.toy import GaussianAdapter, reward_of, toy_config
 
 

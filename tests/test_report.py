@@ -9,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from raft_diffusion.adapters.base import Candidate
-from raft_diffusion.core import progress, report
+from raft_diffusion.core.protocols import Candidate
+from raft_diffusion import report
+from raft_diffusion.core import progress
 from raft_diffusion.core.config import save_config
 from raft_diffusion.core.loop import RaftLoop, RunInterrupted
 from raft_diffusion.core.run_dir import RunDir
 from raft_diffusion.demo import world
-from raft_diffusion.rewards.base import FunctionReward, WeightedReward
+from raft_diffusion.core.scores import FunctionReward, WeightedReward
 from tests.toy import GaussianAdapter, reward_of, toy_config
 
 

@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from raft_diffusion.demo.random_sd import build_random_sd
+from tests.lm_fixtures import build_tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +54,25 @@ def environment(markers: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "RAFT_TEST_MARKERS": str(markers), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def final_state(run: Path) -> tuple[dict, list[dict]]:
-    weights = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+def llm_command(lm: str, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "raft_diffusion.cli", "train",
+        "model.kind=llm", f"model.pretrained={lm}", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.dropout=0.1",
+        f"run.output_dir={out}", "run.name=kill", "run.stages=3", "run.save_images=false",
+        "sampling.k=4", "sampling.prompts_per_stage=3", "sampling.max_new_tokens=6",
+        "train.steps_per_stage=3", "train.batch_size=2", "train.grad_accum=2", "train.lr=0.01",
+        "eval.every=1", "eval.k=2", "eval.metrics=[]", "log.report=false",
+        "prompts.items=[the movie was, a pizza is, the phone was]", "prompts.eval_items=[a movie is]",
+        "rewards=[{target: 'tests.plugins:good_count_with_marker'}]",
+        *extra,
+    ]
+
+
+WEIGHTS = {"diffusion": "pytorch_lora_weights.safetensors", "llm": "adapter_model.safetensors"}
+
+
+def final_state(run: Path, kind: str = "diffusion") -> tuple[dict, list[dict]]:
+    weights = load_file(str(run / "final" / WEIGHTS[kind]))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # Wall-clock figures differ between any two runs; everything else must be equal.
     return weights, [{k: v for k, v in m.items() if not k.startswith("time_") and "seconds" not in k} for m in metrics]
@@ -127,3 +145,29 @@ def test_sigterm_leaves_a_resumable_run(tiny_sd, tmp_path):
     done = subprocess.run(command(tiny_sd, tmp_path, "--resume"), env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "final").is_dir()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.mark.parametrize("point", ["while-scoring-stage-2", "after-checkpoint-before-metrics"])
+def test_llm_kill_and_resume_equals_uninterrupted(point, tiny_lm, tmp_path):
+    # LoRA dropout draws from the global RNG, and accumulation spans micro-batches: both must resume exactly.
+    reference = tmp_path / "reference"
+    subprocess.run(llm_command(tiny_lm, reference), env=environment(reference / "markers"), cwd=ROOT, check=True, capture_output=True)
+    ref_weights, ref_metrics = final_state(reference / "kill", "llm")
+
+    run = tmp_path / "kill"
+    markers = tmp_path / "markers"
+    env = environment(markers)
+    predicate = _kill_points()[point]
+    code = run_until(llm_command(tiny_lm, tmp_path), env, lambda: predicate(run, markers, 0, 0))
+    assert code == -signal.SIGKILL, f"the run ended ({code}) before the kill point {point!r}"
+    done = subprocess.run(llm_command(tiny_lm, tmp_path, "--resume"), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    weights, metrics = final_state(run, "llm")
+    assert weights.keys() == ref_weights.keys()
+    assert all((weights[key] == ref_weights[key]).all() for key in weights)
+    assert metrics == ref_metrics and all("train_loss" in m for m in metrics if m["stage"] > 0)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from raft_diffusion.adapters.base import Candidate
+from raft_diffusion.core.protocols import Candidate
 from raft_diffusion.core import dist
-from raft_diffusion.rewards.base import FunctionReward, WeightedReward
+from raft_diffusion.core.scores import FunctionReward, WeightedReward
 
 
 class GaussianAdapter:
@@ -89,4 +89,9 @@ def toy_config(tmp_path, **overrides):
 
 
 def negative_distance(outputs, prompts, target: float = 3.0):
+    return [-abs(x - target) for x in outputs]
+
+
+def near(outputs, prompts, target: float = 1.2):
+    """An eval-only 'gold' that peaks on the way: RAFT toward 3 passes it, then over-shoots it."""
     return [-abs(x - target) for x in outputs]

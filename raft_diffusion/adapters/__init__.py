@@ -1,21 +1,20 @@
-"""Adapters connect the model-agnostic RAFT loop to a model library."""
+"""Adapters connect the model-agnostic RAFT loop to a model library (the contract: core/protocols.py)."""
 
 from __future__ import annotations
 
-from raft_diffusion.adapters.base import Adapter, Candidate, has_log_ratio
+from raft_diffusion.core import plugins
+from raft_diffusion.core.config import ConfigError
+from raft_diffusion.core.protocols import Adapter
 
 
 def build_adapter(config, accelerator) -> Adapter:
-    """The adapter for ``config.model.kind``, placed on ``accelerator.device``."""
-    if config.model.kind == "diffusion":
-        from raft_diffusion.adapters.diffusion import DiffusionAdapter
-
-        return DiffusionAdapter(config, accelerator)
-    if config.model.kind == "llm":
-        from raft_diffusion.adapters.llm import LLMAdapter
-
-        return LLMAdapter(config, accelerator)
-    raise ValueError(f"model.kind: unknown kind {config.model.kind!r}")
+    """The adapter ``config.model.kind`` names (an installed adapter or a ``package.module:Class``),
+    built as ``Adapter(config, accelerator)``."""
+    try:
+        cls = plugins.find("adapters", config.model.kind, what="model.kind")
+    except plugins.PluginError as err:
+        raise ConfigError(f"model.kind: {err}") from None
+    return cls(config, accelerator)
 
 
-__all__ = ["Adapter", "Candidate", "build_adapter", "has_log_ratio"]
+__all__ = ["Adapter", "build_adapter"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raft_diffusion.adapters.base import Candidate
+from raft_diffusion.adapters.training import CheckpointMismatchError, Finetuner
+from raft_diffusion.core import progress
+from raft_diffusion.core.protocols import Candidate
 from raft_diffusion.adapters.diffusion_utils import (  # noqa: F401  (errors re-exported for callers)
     TEXT_ENCODER_LORA_TARGETS,
     UNET_LORA_TARGETS,
@@ -39,9 +40,7 @@ from raft_diffusion.adapters.diffusion_utils import (  # noqa: F401  (errors re-
     lora_parameters,
     model_family,
     resolve_dtype,
-    rng_state,
     scheduler_class,
-    set_rng_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,8 +94,7 @@ class DiffusionAdapter:
         # Payload keys a candidate's conditioning is kept in (token ids when a text-encoder LoRA trains).
         f = self.family
         self.cond_keys = (f.id_keys if self.trains_text_encoder else f.embed_keys) + f.size_keys
-        self.params = [p for module in self.train_modules for p in lora_parameters(module)]
-        for p in self.params:
+        for p in (p for module in self.train_modules for p in lora_parameters(module)):
             p.data = p.data.float()  # float32 even when the frozen model is half
             p.requires_grad_(True)
         self.pipe.to(self.device)
@@ -109,20 +107,13 @@ class DiffusionAdapter:
         for module in (self.unet, *self.text_encoders):
             module.eval()
 
-        # 4. AdamW on the LoRA only, created once; accelerate adds DDP, autocast and accumulation
-        optimizer = torch.optim.AdamW(
-            self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
-        )
-        objects = [*self.train_modules, optimizer]
-        prepared = accelerator.prepare(*objects, device_placement=[False] * len(objects))  # already on self.device
-        self.unet_train = prepared[0]  # DDP-wrapped when distributed; self.unet samples
-        self.text_encoders_train = list(prepared[1:-1])
-        self.optimizer = prepared[-1]
-
-        # 5. One generator for every training draw (batch order, timesteps, noise, caption dropout),
-        # the same stream on every process: each draws the global batch and trains on its slice
+        # 4. AdamW on the LoRA, the batch order and checkpoints: the shared fine-tuning scaffold. Its
+        # generator makes every training draw (batch order, timesteps, noise, caption dropout), the
+        # same stream on every process: each draws the global batch and trains on its slice.
         seed = int(np.random.SeedSequence([config.run.seed, 0x5AF7]).generate_state(1)[0])
-        self.train_generator = torch.Generator().manual_seed(seed)
+        self.finetuner = Finetuner(accelerator, dict(zip(self.train_names, self.train_modules)), config, seed)
+        self.unet_train = self.finetuner.models[0]  # DDP-wrapped when distributed; self.unet samples
+        self.text_encoders_train = self.finetuner.models[1:]
         self._compiled_unet = None
         self._empty = None
 
@@ -283,6 +274,7 @@ class DiffusionAdapter:
             batch_cond.update({k: v.to(self.device).expand(len(idx), -1) for k, v in size.items()})
             out = self._sample(batch_cond, uncond, [seeds[i] for i in idx])
             images = self._decode(out["latents"])
+            progress.advance(len(idx))
             latents = out["latents"].float().cpu()
             for j, i in enumerate(idx):
                 r = int(cand_rows[i])
@@ -505,8 +497,8 @@ class DiffusionAdapter:
         return self._empty
 
     def _draw_batch(self, latents: torch.Tensor, cond: dict, idx: torch.Tensor):
-        """Noise, timesteps and caption dropout for one micro-batch, all from the training generator."""
-        g = self.train_generator
+        """Noise, timesteps and caption dropout for one global micro-batch, all from the training generator."""
+        g = self.finetuner.generator
         b = len(idx)
         noise = torch.randn((b, *latents.shape[1:]), generator=g)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
@@ -516,59 +508,19 @@ class DiffusionAdapter:
 
     def finetune(self, chosen: list[Candidate]) -> dict[str, float]:
         """``train.steps_per_stage`` AdamW steps on the LoRA, each of ``grad_accum`` micro-batches of
-        ``train.batch_size`` chosen latents per process (a seeded permutation cycling through ``chosen``)."""
+        ``train.batch_size`` chosen latents per process (seeded shuffled passes over ``chosen``)."""
         if not chosen:
             raise ValueError("finetune: no chosen candidates")
-        t = self.config.train
-        start_time = time.perf_counter()
         latents = torch.stack([c.payload["latents"] for c in chosen]).float()
         cond = self._stack(chosen)
-        micro_batches = t.steps_per_stage * t.grad_accum
-        # Every process holds all chosen candidates and the same generator, and draws the global
-        # micro-batch (batch_size per process); each then trains on its own slice of it, so N
-        # processes compute exactly what one process computes with an N times larger batch.
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        global_batch = t.batch_size * world
-        needed = micro_batches * global_batch
-        epochs = math.ceil(needed / len(chosen))  # as many shuffled passes over the chosen set as the steps need
-        passes = [torch.randperm(len(chosen), generator=self.train_generator) for _ in range(epochs)]
-        order = torch.cat(passes + [torch.zeros(0, dtype=torch.long)])
-        for module in self.train_modules:
-            module.train()
-        models = [self.unet_train, *self.text_encoders_train]
-        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        step_losses, grad_norms, loss_sum = [], [], 0.0
-        for m in range(micro_batches):
-            lat, cond_b, noise, timesteps, drop = self._draw_batch(latents, cond, order[m * global_batch:(m + 1) * global_batch])
-            mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
+
+        def micro_batch_loss(idx: torch.Tensor, mine: slice) -> torch.Tensor:
+            # Noise and timesteps are drawn for the whole global micro-batch, then sliced.
+            lat, cond_b, noise, timesteps, drop = self._draw_batch(latents, cond, idx)
             cond_b = {k: v[mine] for k, v in cond_b.items()}
-            with self.accelerator.accumulate(*models):
-                loss = self.denoising_loss(lat[mine], cond_b, noise[mine], timesteps[mine], None if drop is None else drop[mine])
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    grad_norms.append(self.accelerator.clip_grad_norm_(self.params, max_norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            loss_sum = loss_sum + loss.detach()
-            if (m + 1) % t.grad_accum == 0:
-                step_losses.append(loss_sum / t.grad_accum)
-                loss_sum = 0.0
-        for module in self.train_modules:
-            module.eval()
-        losses = torch.stack(step_losses).float() if step_losses else torch.zeros(0, device=self.device)
-        losses = self.accelerator.reduce(losses, "mean").cpu()  # each process saw its slice: report the global mean
-        norms = torch.stack([torch.as_tensor(n) for n in grad_norms]).float().cpu() if grad_norms else torch.zeros(0)
-        seconds = time.perf_counter() - start_time
-        return {
-            "loss": float(losses.mean()) if len(losses) else float("nan"),
-            "loss_first": float(losses[0]) if len(losses) else float("nan"),
-            "loss_last": float(losses[-1]) if len(losses) else float("nan"),
-            "grad_norm": float(norms.mean()) if len(norms) else float("nan"),
-            "steps": float(t.steps_per_stage),
-            "samples": float(needed),
-            "seconds": seconds,
-            "seconds_per_step": seconds / t.steps_per_stage if t.steps_per_stage else 0.0,
-        }
+            return self.denoising_loss(lat[mine], cond_b, noise[mine], timesteps[mine], None if drop is None else drop[mine])
+
+        return self.finetuner.fit(len(chosen), micro_batch_loss)
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints and export
@@ -576,56 +528,19 @@ class DiffusionAdapter:
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable LoRA tensors, keyed ``unet.<param>`` / ``text_encoder.<param>`` /
         ``text_encoder_2.<param>`` (float32, CPU)."""
-        state = {}
-        for prefix, module in zip(self.train_names, self.train_modules):
-            for name, p in module.named_parameters():
-                if p.requires_grad:
-                    state[f"{prefix}.{name}"] = p.detach().float().cpu().contiguous()
-        return state
+        return self.finetuner.trainable_state()
 
     def save(self, path: str | Path) -> None:
-        """LoRA weights, optimizer (and grad scaler) state, and every RNG, enough to resume bit for bit.
-
-        The main process writes ``lora.safetensors`` and ``optimizer.pt``; every process writes its
-        own ``rng_state_{rank}.pt``. Call it on every process (it ends with a barrier).
-        """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if self.accelerator.is_main_process:
-            save_file(self.lora_state_dict(), str(path / "lora.safetensors"))
-            scaler = self.accelerator.scaler
-            state = {"optimizer": self.optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
-            torch.save(state, path / "optimizer.pt")
-        torch.save(rng_state(self.train_generator), path / f"rng_state_{self.accelerator.process_index}.pt")
-        self.accelerator.wait_for_everyone()
+        """LoRA weights, optimizer (and grad scaler), schedule and every RNG, enough to resume bit for
+        bit. Call it on every process."""
+        self.finetuner.save(path)
 
     def load(self, path: str | Path) -> None:
         """Restore what :meth:`save` wrote (into an adapter built from the same config)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / "lora.safetensors").is_file():
-            raise FileNotFoundError(f"no adapter checkpoint at {path} (lora.safetensors missing)")
-        state = load_file(str(path / "lora.safetensors"))
-        own = self.lora_state_dict()
-        if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
-            raise LoraError(f"checkpoint {path} was saved with another LoRA configuration (model.lora / init_lora)")
-        params = {f"{prefix}.{n}": p for prefix, module in zip(self.train_names, self.train_modules)
-                  for n, p in module.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            for key, p in params.items():
-                p.copy_(state[key])
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        if opt["scaler"] is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(opt["scaler"])
-        rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True), self.train_generator)
-        else:
-            logger.warning("%s missing (more processes than the run had?): this one keeps fresh random streams", rng_file.name)
+        try:
+            self.finetuner.load(path)
+        except CheckpointMismatchError as err:
+            raise LoraError(str(err)) from None
 
     def export(self, path: str | Path) -> None:
         """The LoRA in diffusers format (``pytorch_lora_weights.safetensors`` with its peft configs as

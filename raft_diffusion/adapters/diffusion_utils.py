@@ -1,16 +1,13 @@
-"""Loading a Stable Diffusion (SD-1.x/2.x or SDXL) pipeline and LoRA folders, with one-line errors; the
-model families (what differs between SD and SDXL); RNG state that ``torch.load(weights_only=True)``
-reads back: the plumbing under :mod:`raft_diffusion.adapters.diffusion`."""
+"""Loading a Stable Diffusion (SD-1.x/2.x or SDXL) pipeline and LoRA folders, with one-line errors, and
+the model families (what differs between SD and SDXL): the plumbing under :mod:`raft_diffusion.adapters.diffusion`."""
 
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 import torch
 
 from raft_diffusion.assets import resolve
@@ -334,35 +331,3 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         last = f"layers.{encoder.config.num_hidden_layers - 1}."
         return [n for n, _ in encoder.named_modules() if n.rsplit(".", 1)[-1] in TEXT_ENCODER_LORA_TARGETS and last not in n]
 
-
-# ---------------------------------------------------------------------------------------------
-# RNG state, stored as tensors so that torch.load(weights_only=True) reads it back
-
-
-def rng_state(train_generator: torch.Generator) -> dict:
-    np_state = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state = {
-        "train_generator": train_generator.get_state(),
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "numpy_has_gauss": int(np_state[3]),
-        "numpy_cached_gauss": float(np_state[4]),
-        "python_state": torch.tensor(py_state, dtype=torch.int64),
-        "python_version": int(py_version),
-        "python_gauss": py_gauss,
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    return state
-
-
-def set_rng_state(state: dict, train_generator: torch.Generator) -> None:
-    train_generator.set_state(state["train_generator"])
-    torch.set_rng_state(state["torch"])
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_cached_gauss"]))
-    random.setstate((state["python_version"], tuple(state["python_state"].tolist()), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))

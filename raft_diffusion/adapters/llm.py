@@ -20,13 +20,9 @@ either through a peft LoRA (``model.lora.rank > 0``) or in full (``rank: 0``).
 from __future__ import annotations
 
 import contextlib
-import random
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -38,7 +34,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from raft_diffusion.adapters.base import Candidate
+from raft_diffusion.adapters.training import Finetuner
+from raft_diffusion.core import progress
+from raft_diffusion.core.protocols import Candidate
 from raft_diffusion.assets import resolve
 
 IGNORE_INDEX = -100
@@ -68,14 +66,21 @@ def load_pretrained(cls, name: str, key: str, **kwargs):
         ) from None
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose label is not ``IGNORE_INDEX``."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the positions whose label is not ``IGNORE_INDEX`` (their mean,
+    or with ``reduction="sum"`` their sum)."""
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
     total = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return total if reduction == "sum" else total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _loss_tokens(candidate: Candidate, train_on_prompt: bool) -> int:
+    """How many next-token targets of ``candidate`` carry loss in :func:`sft_batch` (the first token predicts nothing)."""
+    n, m = len(candidate.payload["prompt_ids"]), len(candidate.payload["response_ids"])
+    return n + m - 1 if train_on_prompt else m
 
 
 def sft_batch(candidates: list[Candidate], pad_id: int, train_on_prompt: bool = False) -> dict[str, torch.Tensor]:
@@ -173,16 +178,11 @@ class LLMAdapter:
         model = self._add_lora(model)
         self._reference_model = None  # full fine-tuning: the pretrained weights, loaded on first log_ratio
 
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        t = config.train
-        optimizer = torch.optim.AdamW(
-            self.trainable, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
-        )
-        self.train_model, self.optimizer = accelerator.prepare(model, optimizer)
+        # AdamW, the batch order (its own seeded generator) and checkpoints: the shared scaffold.
+        self.finetuner = Finetuner(accelerator, {"model": model}, config, config.run.seed, device_placement=True)
+        self.train_model = self.finetuner.models[0]  # DDP-wrapped when distributed
         self.model = accelerator.unwrap_model(self.train_model)
         self.model.eval()
-        # Batch order of fine-tuning: its own generator, saved and restored with the checkpoints.
-        self.generator = torch.Generator().manual_seed(config.run.seed)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -332,6 +332,7 @@ class LLMAdapter:
                     logits_processor=LogitsProcessorList([sampler]),
                     tokenizer=self.tokenizer if s.stop else None,
                 )
+            progress.advance(len(batch))
             for (i, j), tokens in zip(batch, out[:, width:].cpu()):
                 response_ids, text = self._split_response(tokens)
                 candidates.append(Candidate(
@@ -346,50 +347,26 @@ class LLMAdapter:
 
     # -- training -------------------------------------------------------------------------------
 
-    def _draw_order(self, n: int, total: int) -> torch.Tensor:
-        """``total`` sample indices in epochs of random permutations of ``range(n)``."""
-        perms = [torch.randperm(n, generator=self.generator) for _ in range(-(-total // n))]
-        return torch.cat(perms)[:total]
-
     def finetune(self, chosen: list[Candidate]) -> dict[str, float]:
-        """SFT on the chosen responses: ``train.steps_per_stage`` AdamW steps of ``batch_size * grad_accum`` samples.
-
-        Returns the loss of the first and last step, the mean loss, the steps and the seconds spent."""
-        start = time.perf_counter()
+        """SFT on the chosen responses: ``train.steps_per_stage`` AdamW steps of ``grad_accum``
+        micro-batches of ``train.batch_size`` responses per process."""
+        if not chosen:
+            raise ValueError("finetune: no chosen candidates")
         t = self.config.train
-        if not chosen or t.steps_per_stage == 0:
-            return {"steps": 0, "seconds": time.perf_counter() - start}
-        order = self._draw_order(len(chosen), t.steps_per_stage * t.grad_accum * t.batch_size)
-        self.accelerator.step = 0  # each stage starts a fresh accumulation cycle (also after a resume)
-        self.train_model.train()
-        losses = []
-        for step in range(t.steps_per_stage):
-            step_loss = 0.0
-            for micro in range(t.grad_accum):
-                first = (step * t.grad_accum + micro) * t.batch_size
-                batch = sft_batch([chosen[i] for i in order[first: first + t.batch_size]],
-                                  self.tokenizer.pad_token_id, t.train_on_prompt)
-                batch = {key: value.to(self.device) for key, value in batch.items()}
-                with self.accelerator.accumulate(self.train_model):
-                    logits = self.train_model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                    ).logits
-                    loss = causal_lm_loss(logits, batch["labels"])
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients and t.max_grad_norm > 0:
-                        self.accelerator.clip_grad_norm_(self.trainable, t.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.item() / t.grad_accum
-            losses.append(step_loss)
-        self.train_model.eval()
-        return {
-            "loss_first": losses[0],
-            "loss_last": losses[-1],
-            "loss_mean": float(np.mean(losses)),
-            "steps": t.steps_per_stage,
-            "seconds": time.perf_counter() - start,
-        }
+        world = self.accelerator.num_processes
+
+        def micro_batch_loss(idx: torch.Tensor, mine: slice) -> torch.Tensor:
+            batch = sft_batch([chosen[i] for i in idx[mine]], self.tokenizer.pad_token_id, t.train_on_prompt)
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            logits = self.train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False).logits
+            # Sum over this process's tokens, divided by the tokens of the whole global micro-batch
+            # (times the processes, which DDP's gradient mean divides out): every token weighs the
+            # same, so N processes train exactly as one process with the N times larger batch.
+            total_tokens = int(sum(_loss_tokens(chosen[i], t.train_on_prompt) for i in idx))
+            return causal_lm_loss(logits, batch["labels"], reduction="sum") * world / max(total_tokens, 1)
+
+        return self.finetuner.fit(len(chosen), micro_batch_loss)
 
     # -- KL-shaped ranking ----------------------------------------------------------------------
 
@@ -431,47 +408,12 @@ class LLMAdapter:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-
     def save(self, path) -> None:
-        """Trainable weights (safetensors), optimizer state and every RNG this adapter draws from."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if self.accelerator.is_main_process:
-            weights = {name: p.detach().cpu().contiguous() for name, p in self._trainable_state().items()}
-            save_file(weights, str(path / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-        np_state = np.random.get_state()
-        rng = {
-            "generator": self.generator.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-            "python": random.getstate(),
-        }
-        torch.save(rng, path / f"rng_state_{self.accelerator.process_index}.pt")
+        """Trainable weights, optimizer (and grad scaler), schedule and every RNG. Call on every process."""
+        self.finetuner.save(path)
 
     def load(self, path) -> None:
-        path = Path(path)
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = self._trainable_state()
-        missing = sorted(set(params) - set(weights))
-        if missing:
-            raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
-                             "was it saved with another model.lora setting?")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name])
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        rng = torch.load(path / f"rng_state_{self.accelerator.process_index}.pt", weights_only=True)
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        name, key, *rest = rng["numpy"]
-        np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
-        random.setstate(rng["python"])
+        self.finetuner.load(path)
 
     def export(self, path) -> None:
         """peft adapter folder (LoRA) or full Hugging Face model folder, plus the tokenizer."""

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
+from raft_diffusion.core import plugins
+
 
 class ConfigError(ValueError):
     """A config problem, reported in one line that names the key."""
@@ -45,7 +47,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "diffusion"  # diffusion | llm
+    kind: str = "diffusion"  # diffusion | llm | an installed adapter | package.module:Class
     pretrained: str = "demo:sd"  # hub id or local folder; demo:NAME is a packaged demo model
     revision: Optional[str] = None  # hub revision
     variant: Optional[str] = None  # weights variant, e.g. fp16
@@ -53,11 +55,14 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     lora: LoraConfig = field(default_factory=LoraConfig)
     init_lora: Optional[str] = None  # start from an exported LoRA folder instead of a fresh one
-    scheduler: str = "ddim"  # diffusion sampler: ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc, or a diffusers class name
-    safety_checker: bool = False  # diffusion: load and run the pipeline's safety checker
-    vae: Optional[str] = None  # diffusion: a separate VAE folder/id (e.g. an fp16-safe SDXL VAE)
-    chat_template: bool = False  # llm: wrap prompts with the tokenizer's chat template
-    trust_remote_code: bool = False  # llm: only when you trust the model repository
+    args: dict = field(default_factory=dict)  # settings of a plug-in adapter, which reads them itself
+    # diffusion adapter only
+    scheduler: str = "ddim"  # sampler: ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc, or a diffusers class name
+    safety_checker: bool = False  # load and run the pipeline's safety checker
+    vae: Optional[str] = None  # a separate VAE folder/id (e.g. an fp16-safe SDXL VAE)
+    # llm adapter only
+    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    trust_remote_code: bool = False  # only when you trust the model repository
 
 
 @dataclass
@@ -66,7 +71,7 @@ class SamplingConfig:
     prompts_per_stage: int = 8  # prompts drawn per stage
     batch_size: int = 16  # samples per model call (diffusion: images per UNet call, before CFG doubling)
     seed_offset: int = 0  # added to candidate seeds (draw other candidates from the same run seed)
-    # diffusion
+    # diffusion adapter only
     steps: int = 20  # denoising steps
     guidance_scale: float = 7.5  # classifier-free guidance (1: off, half the cost)
     eta: float = 0.0  # DDIM eta (0: deterministic; > 0 needed for log_ratio)
@@ -74,7 +79,7 @@ class SamplingConfig:
     width: Optional[int] = None
     negative_prompt: str = ""
     compile: bool = False  # torch.compile the UNet for sampling (static shapes)
-    # llm
+    # llm adapter only
     temperature: float = 1.0  # the paper's lambda
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -102,11 +107,35 @@ class TrainConfig:
     adam_eps: float = 1e-8
     mixed_precision: str = "no"  # no | fp16 | bf16 (through accelerate)
     gradient_checkpointing: bool = False
-    # diffusion
+    lr_schedule: str = "constant"  # constant | cosine | linear: the learning rate over the run's optimizer steps
+    lr_min_ratio: float = 0.1  # cosine/linear: the last step's learning rate as a fraction of train.lr
+    # diffusion adapter only
     snr_gamma: float = 0.0  # min-SNR weighting gamma (0: off; 5 is the usual value)
     caption_dropout: float = 0.0  # probability of training a sample on the empty prompt (keeps CFG working)
-    # llm
-    train_on_prompt: bool = False  # llm: also put loss on prompt tokens (LMFlow's RAFT does)
+    # llm adapter only
+    train_on_prompt: bool = False  # also put loss on prompt tokens (LMFlow's RAFT does)
+
+
+@dataclass
+class ReplayConfig:
+    """What each stage fine-tunes on besides its own chosen candidates (cached payloads, no regeneration)."""
+
+    stages: int = 0  # also the chosen candidates of the previous N stages (0: this stage's only)
+    max_samples: int = 0  # at most this many in all, the highest-reward ones (0: no cap)
+    anchor_share: float = 0.0  # share of the training samples that are the starting model's own samples
+    # (prior preservation: unselected stage-1 candidates, trained toward themselves; 0: none)
+    anchor_samples: int = 64  # how many stage-1 candidates are kept as anchors
+
+
+@dataclass
+class GuardConfig:
+    """Against over-optimisation: which stage is exported, and when a run stops early."""
+
+    metric: str = ""  # export the stage whose held-out `metric` was highest, e.g. eval_reward or
+    # eval_<name> of eval.metrics ("": export the last stage)
+    patience: int = 0  # stop when `metric` has not improved for this many evaluations (0: never)
+    watch: list[str] = field(default_factory=list)  # held-out metrics that must not fall (eval_<name>)
+    max_drop_se: float = 0.0  # stop when a watched metric lies this many paired SE below its best (0: never)
 
 
 @dataclass
@@ -147,8 +176,10 @@ class Config:
     # or {target: "package.module:function", weight: float, args: {...}}.
     rewards: list[dict] = field(default_factory=lambda: [{"name": "aesthetic", "weight": 1.0, "args": {"clip": "demo"}}])
     train: TrainConfig = field(default_factory=TrainConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
@@ -333,10 +364,10 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 _CHOICES = {
-    "model.kind": ("diffusion", "llm"),
     "model.dtype": ("auto", "float32", "float16", "bfloat16"),
     "selection.strategy": ("local", "global", "local_then_global"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.lr_schedule": ("constant", "cosine", "linear"),
 }
 
 
@@ -351,13 +382,17 @@ def validate(c: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
         _check(value in choices, f"{key}: {value!r} is not one of {', '.join(choices)}{_hint(str(value), choices)}")
+    kinds = plugins.names("adapters")
+    _check(c.model.kind in kinds or plugins.is_target(c.model.kind),
+           f"model.kind: {c.model.kind!r} is not one of {', '.join(kinds)} (or a 'package.module:Class' adapter)"
+           f"{_hint(str(c.model.kind), kinds)}")
     _check(bool(c.run.name.strip()) and "/" not in c.run.name, f"run.name: {c.run.name!r} must be a plain folder name")
     _check(c.run.stages >= 1, f"run.stages must be >= 1, got {c.run.stages}")
     _check(c.run.keep_checkpoints >= 0, f"run.keep_checkpoints must be >= 0, got {c.run.keep_checkpoints}")
     _check(c.run.cpu_threads >= 0, f"run.cpu_threads must be >= 0, got {c.run.cpu_threads}")
     _check(c.run.seed >= 0, f"run.seed must be >= 0, got {c.run.seed}")
     _check(c.model.lora.rank >= 0, f"model.lora.rank must be >= 0, got {c.model.lora.rank}")
-    _check(c.model.lora.rank > 0 or c.model.kind == "llm", "model.lora.rank must be >= 1 for diffusion models")
+    _check(c.model.lora.rank > 0 or c.model.kind != "diffusion", "model.lora.rank must be >= 1 for diffusion models")
     _check(0.0 <= c.model.lora.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {c.model.lora.dropout}")
     s = c.sampling
     _check(s.k >= 1, f"sampling.k must be >= 1, got {s.k}")
@@ -386,6 +421,20 @@ def validate(c: Config) -> None:
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas must be two numbers in [0, 1)")
     _check(t.snr_gamma >= 0, f"train.snr_gamma must be >= 0, got {t.snr_gamma}")
     _check(0.0 <= t.caption_dropout < 1.0, f"train.caption_dropout must be in [0, 1), got {t.caption_dropout}")
+    _check(0.0 <= t.lr_min_ratio <= 1.0, f"train.lr_min_ratio must be in [0, 1], got {t.lr_min_ratio}")
+    r = c.replay
+    _check(r.stages >= 0, f"replay.stages must be >= 0, got {r.stages}")
+    _check(r.max_samples >= 0, f"replay.max_samples must be >= 0, got {r.max_samples}")
+    _check(0.0 <= r.anchor_share < 1.0, f"replay.anchor_share must be in [0, 1), got {r.anchor_share}")
+    _check(r.anchor_samples >= 1, f"replay.anchor_samples must be >= 1, got {r.anchor_samples}")
+    g = c.guard
+    for key in [g.metric, *g.watch]:
+        _check(not key or key.startswith("eval_"), f"guard: {key!r} is not a held-out metric (eval_reward or eval_<name>)")
+    _check(g.patience >= 0, f"guard.patience must be >= 0, got {g.patience}")
+    _check(g.max_drop_se >= 0, f"guard.max_drop_se must be >= 0, got {g.max_drop_se}")
+    _check(not (g.metric or g.watch) or c.eval.every > 0, "guard: needs held-out evaluations (eval.every > 0)")
+    _check(not g.patience or g.metric, "guard.patience needs guard.metric")
+    _check(not g.max_drop_se or g.watch, "guard.max_drop_se needs guard.watch")
     _check(c.eval.every >= 0, f"eval.every must be >= 0, got {c.eval.every}")
     _check(c.eval.k >= 1, f"eval.k must be >= 1, got {c.eval.k}")
     _check(c.eval.max_prompts >= 0, f"eval.max_prompts must be >= 0, got {c.eval.max_prompts}")

@@ -1,12 +1,14 @@
 """The RAFT stage loop: draw prompts, generate, score, select, fine-tune, evaluate, checkpoint, log.
 
-Model-agnostic: the adapter owns the model, the reward owns scoring. Every random draw of the loop
-is a pure function of (run seed, stage), and the adapter saves its own RNG state, so a run
-resumed after its last complete checkpoint ends exactly as an uninterrupted one.
+Model-agnostic: the adapter owns the model, the reward owns scoring (both meet the loop only
+through :mod:`raft_diffusion.core.protocols`). Every random draw of the loop is a pure function of
+(run seed, stage), the adapter saves its own RNG state and the replay pool is saved with each
+checkpoint, so a run resumed after its last complete checkpoint ends exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -17,14 +19,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from raft_diffusion.adapters.base import Adapter, Candidate, has_log_ratio
-from raft_diffusion.core import dist
+from raft_diffusion.core import dist, progress, stats
 from raft_diffusion.core.config import Config
-from raft_diffusion.core.progress import progress
+from raft_diffusion.core.guard import OUTCOME_FILE, Guard, check_guard
 from raft_diffusion.core.prompts import load_prompts, stage_prompts
-from raft_diffusion.core.run_dir import STATE_FILE, RunDir, atomic_dir, atomic_write_text, stage_name
+from raft_diffusion.core.protocols import Adapter, Candidate, RewardError, has_log_ratio
+from raft_diffusion.core.replay import ReplayPool
+from raft_diffusion.core.run_dir import STATE_FILE, RunDir, atomic_dir, atomic_write_text
+from raft_diffusion.core.scores import WeightedReward
 from raft_diffusion.core.selection import ranking_scores, select
-from raft_diffusion.rewards.base import RewardError, WeightedReward, to_scores
 
 # Stage number used to derive evaluation seeds: the same held-out noise at every evaluation,
 # never equal to the noise of a training stage.
@@ -53,19 +56,7 @@ class Scored:
     parts: dict[str, torch.Tensor]  # each reward on its own, when there are several
 
 
-def _mean(x: torch.Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return float(x.mean()) if x.numel() else float("nan")
-
-
-def _std(x: torch.Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return float(x.std(unbiased=False)) if x.numel() > 1 else 0.0
-
-
-def _sem(x: torch.Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
+_mean, _std, _sem = stats.mean, stats.std, stats.sem
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
@@ -116,7 +107,6 @@ class RaftLoop:
         self.eval_metrics = eval_metrics
         self.on_stage = on_stage  # e.g. writes the stage's image grid (main process only)
         self.on_eval = on_eval  # e.g. writes the held-out grid (main process only)
-        self._eval_baseline: dict | None = None  # stage 0's per-sample eval scores, for paired changes
         self.on_record = on_record  # e.g. TensorBoard: every record appended to metrics.jsonl
         self.log = log if dist.is_main() else (lambda _msg: None)
         self.train_prompts, self.eval_prompts = load_prompts(config.prompts)
@@ -124,6 +114,10 @@ class RaftLoop:
             self.eval_prompts = self.eval_prompts[: config.eval.max_prompts]
         if config.selection.beta > 0 and not has_log_ratio(adapter):
             raise ValueError("selection.beta > 0 needs an adapter with log_ratio")
+        self.pool = ReplayPool(config, config.run.seed)
+        self.guard = Guard(config, self._sample_scores)
+        self._eval_samples: dict[int, dict] = {}  # stage -> per-sample eval scores (guard.watch reads them)
+        check_guard(config, self.eval_metrics, bool(self.eval_prompts))
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -132,22 +126,39 @@ class RaftLoop:
         cfg = self.config
         records = []
         with self._interruptible():
-            if start_after > 0:
-                self.adapter.load(self.run_dir.checkpoint_dir(start_after))
-                self.log(f"resumed after stage {start_after} from {self.run_dir.checkpoint_dir(start_after)}")
-            elif cfg.eval.every and self.eval_prompts and not any(r["stage"] == 0 for r in self.run_dir.read_metrics()):
+            earlier = [r for r in self.run_dir.read_metrics() if r["stage"] <= start_after]
+            for record in earlier:  # a resumed run: what the guard saw before
+                self.guard.observe(record)
+            if (self.run_dir.checkpoint_dir(start_after) / STATE_FILE).is_file():
+                self._restore(start_after)
+            elif cfg.eval.every and self.eval_prompts and not any(r["stage"] == 0 for r in earlier):
                 start = time.perf_counter()
                 record = {"stage": 0, **self.evaluate(0), "time_eval_s": time.perf_counter() - start}
+                self.guard.observe(record)
+                if self.guard.selects:  # stage 0 may turn out best: keep the starting weights
+                    self._checkpoint(0, record)
                 if dist.is_main():
                     self.run_dir.append_metrics(record)
                     if self.on_record is not None:
                         self.on_record(record)
                 self.log(format_stage_line(record))
                 records.append(record)
-            for stage in progress(range(start_after + 1, cfg.run.stages + 1), desc="stages", unit="stage", leave=False):
+            for stage in range(start_after + 1, cfg.run.stages + 1):
+                if self.guard.stop_reason:
+                    break
                 records.append(self.run_stage(stage))
+            if self.guard.stop_reason:
+                self.log(f"stopped early after stage {self.run_dir.last_stage()}: {self.guard.stop_reason}")
             self._export_final()
         return records
+
+    def _restore(self, stage: int) -> None:
+        """Continue after ``stage``: the adapter's and the replay pool's state."""
+        folder = self.run_dir.checkpoint_dir(stage)
+        self.adapter.load(folder)
+        if self.pool.active:
+            self.pool.load(folder)
+        self.log(f"resumed after stage {stage} from {folder}")
 
     def run_stage(self, stage: int) -> dict:
         cfg = self.config
@@ -158,14 +169,15 @@ class RaftLoop:
         prompts = stage_prompts(self.train_prompts, cfg.sampling.prompts_per_stage, cfg.run.seed, stage, cfg.prompts.shuffle)
         local = dist.shard(len(prompts))
         k = cfg.sampling.k
+        label = f"stage {stage}/{cfg.run.stages}"
 
         # 2. Generate K candidates per prompt, each from its own seed.
-        with _timed(times, "generate"):
+        with _timed(times, "generate"), progress.phase(f"{label} generate", total=len(local) * k, unit="sample"):
             seeds = candidate_seeds(cfg.run.seed, stage, local, k, cfg.sampling.seed_offset)
             candidates = self._generate([prompts[i] for i in local], k, seeds, first_prompt=local.start)
 
         # 3. Score every candidate; gather the scores of all processes.
-        with _timed(times, "score"):
+        with _timed(times, "score"), progress.phase(f"{label} score"):
             scored = self._score(candidates)
             rewards = dist.concat_gathered(scored.rewards).view(len(prompts), k)
             parts = {name: dist.concat_gathered(v) for name, v in scored.parts.items()}
@@ -179,19 +191,28 @@ class RaftLoop:
             chosen_idx = select(ranking, cfg.selection.strategy, cfg.selection.keep)
             if not chosen_idx:
                 raise RewardError("no candidate has a finite reward in this stage; check the reward function")
-            chosen = self._gather_chosen(candidates, chosen_idx, first=local.start * k)
+            chosen = self._gather(candidates, chosen_idx, first=local.start * k)
+            flat = rewards.reshape(-1)
+            chosen_rewards = [float(flat[i]) for i in chosen_idx]
+            if self.pool.wants_anchors:  # the starting model's own samples, unselected
+                anchor_idx = self.pool.anchor_indices(len(flat), stage)
+                self.pool.add_anchors(stage, self._gather(candidates, anchor_idx, first=local.start * k),
+                                      [float(flat[i]) for i in anchor_idx])
+            train_set = self.pool.training_set(stage, chosen, chosen_rewards) if self.pool.active else chosen
 
-        # 5. Fine-tune on the chosen candidates with the ordinary supervised loss.
-        with _timed(times, "finetune"):
-            train_stats = self.adapter.finetune(chosen) if cfg.train.steps_per_stage > 0 else {}
+        # 5. Fine-tune on the chosen candidates (and the replayed ones) with the ordinary supervised loss.
+        train_stats = {}
+        if cfg.train.steps_per_stage > 0:
+            with _timed(times, "finetune"), progress.phase(f"{label} fine-tune", total=cfg.train.steps_per_stage, unit="step"):
+                train_stats = self.adapter.finetune(train_set)
+        self.pool.update(stage, chosen, chosen_rewards)
 
         # 6. Evaluate the updated model on the held-out prompts.
         eval_record = {}
         if cfg.eval.every and self.eval_prompts and (stage % cfg.eval.every == 0 or stage == cfg.run.stages):
-            with _timed(times, "eval"):
+            with _timed(times, "eval"), progress.phase(f"{label} evaluate", total=len(dist.shard(len(self.eval_prompts))) * cfg.eval.k, unit="sample"):
                 eval_record = self.evaluate(stage)
 
-        flat = rewards.reshape(-1)
         record = {
             "stage": stage,
             "reward_mean": _mean(flat),
@@ -207,7 +228,9 @@ class RaftLoop:
             **diversity([c.output for c in candidates], k),
             **eval_record,
             **{f"train_{key}": value for key, value in train_stats.items()},
+            **({"n_trained_on": len(train_set)} if self.pool.active else {}),
         }
+        self.guard.observe(record)
 
         # 7. Checkpoint (the stage counts as done once this folder is renamed into place).
         self._save_stage_files(stage, prompts, candidates, rewards, chosen_idx, local.start)
@@ -252,16 +275,17 @@ class RaftLoop:
             raise RewardError(f"reward returned no finite score for any of {len(outputs)} outputs")
         return Scored(total, parts)
 
-    def _gather_chosen(self, candidates: list[Candidate], chosen_idx: list[int], first: int) -> list[Candidate]:
-        """The chosen candidates, best first, on every process (training shards the batches)."""
-        mine = {i: candidates[i - first] for i in chosen_idx if first <= i < first + len(candidates)}
+    def _gather(self, candidates: list[Candidate], indices: list[int], first: int) -> list[Candidate]:
+        """The candidates at these flat indices of the stage (``first``: this process's first), in that
+        order, on every process (training shards the batches)."""
+        mine = {i: candidates[i - first] for i in indices if first <= i < first + len(candidates)}
         if dist.world_size() == 1:
-            return [mine[i] for i in chosen_idx]
+            return [mine[i] for i in indices]
         light = {i: Candidate(c.prompt, c.seed, None, c.payload, c.prompt_index, c.k_index) for i, c in mine.items()}
         everything: dict[int, Candidate] = {}
         for part in dist.gather_objects(light):
             everything.update(part)
-        return [everything[i] for i in chosen_idx]
+        return [everything[i] for i in indices]
 
     def evaluate(self, stage: int = 0) -> dict[str, float]:
         """Held-out prompts, fixed seeds: the same noise at every evaluation (after ``stage``)."""
@@ -292,53 +316,43 @@ class RaftLoop:
         return record
 
     def _paired_changes(self, stage: int, scores: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Write this evaluation's per-sample scores; return each metric's paired change since stage 0.
-
-        Every evaluation draws the same held-out prompts from the same seeds, so the change of a
-        metric is best measured sample by sample: ``eval_<name>_change`` is the mean of (now - stage
-        0) over the samples both evaluations share, ``eval_<name>_change_sem`` its standard error,
-        which is far smaller than that of two independent means when the samples stay alike.
-        """
-        import json
-
+        """Write this evaluation's per-sample scores; return each metric's paired change since stage 0
+        (``eval_<name>_change`` and ``eval_<name>_change_sem``, see :func:`stats.paired_change`)."""
         cfg = self.config
         k = cfg.eval.k
         seeds = candidate_seeds(cfg.run.seed, EVAL_STAGE, range(len(self.eval_prompts)), k)
         keys = [(self.eval_prompts[i // k], seed) for i, seed in enumerate(seeds)]
         flat = {name: value.reshape(-1).tolist() for name, value in scores.items()}
-        path = self.run_dir.stage_dir(stage) / EVAL_SCORES_FILE
         if dist.is_main():
-            path.parent.mkdir(parents=True, exist_ok=True)
             lines = [
                 json.dumps({"prompt": prompt, "prompt_index": i // k, "k_index": i % k, "seed": seed,
                             **{name: values[i] for name, values in flat.items()}})
                 for i, (prompt, seed) in enumerate(keys)
             ]
-            atomic_write_text(path, "\n".join(lines) + "\n")
+            atomic_write_text(self.run_dir.stage_dir(stage) / EVAL_SCORES_FILE, "\n".join(lines) + "\n")
+        self._eval_samples[stage] = {key: {n: v[i] for n, v in flat.items()} for i, key in enumerate(keys)}
         if stage == 0:
-            self._eval_baseline = dict(zip(keys, [{n: v[i] for n, v in flat.items()} for i in range(len(keys))]))
             return {}
-        if self._eval_baseline is None:  # a resumed run: stage 0 was evaluated by an earlier process
-            base_path = self.run_dir.stage_dir(0) / EVAL_SCORES_FILE
-            if not base_path.exists():
-                return {}
-            rows = [json.loads(line) for line in base_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            self._eval_baseline = {(r["prompt"], r["seed"]): r for r in rows}
-        shared = [i for i, key in enumerate(keys) if key in self._eval_baseline]
+        base = self._sample_scores(0)
         out = {}
-        for name, values in flat.items():
-            pairs = [(values[i], self._eval_baseline[keys[i]].get(name)) for i in shared]
-            diff = torch.tensor([a - b for a, b in pairs if isinstance(b, (int, float))], dtype=torch.float64)
-            if diff.numel() > 1:
-                out[f"eval_{name}_change"] = _mean(diff)
-                out[f"eval_{name}_change_sem"] = _sem(diff)
+        for name in flat:
+            change = stats.paired_change({key: row[name] for key, row in self._eval_samples[stage].items()},
+                                         {key: row.get(name) for key, row in base.items()})
+            if change is not None:
+                out[f"eval_{name}_change"], out[f"eval_{name}_change_sem"] = change
         return out
+
+    def _sample_scores(self, stage: int) -> dict:
+        """``{(prompt, seed): {metric: score}}`` of one evaluation (read back from its file after a resume)."""
+        if stage not in self._eval_samples:
+            path = self.run_dir.stages / f"{stage:06d}" / EVAL_SCORES_FILE
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+            self._eval_samples[stage] = {(r["prompt"], r["seed"]): r for r in rows}
+        return self._eval_samples[stage]
 
     def _save_stage_files(self, stage, prompts, candidates, rewards, chosen_idx, first_prompt) -> None:
         if not dist.is_main():
             return
-        import json
-
         folder = self.run_dir.stage_dir(stage)
         k = self.config.sampling.k
         flat = rewards.reshape(-1)
@@ -356,8 +370,6 @@ class RaftLoop:
             self.on_stage(stage=stage, folder=folder, prompts=prompts, candidates=candidates, rewards=rewards, chosen=chosen_idx, first_prompt=first_prompt)
 
     def _checkpoint(self, stage: int, record: dict) -> None:
-        import json
-
         target = self.run_dir.checkpoint_dir(stage)
         tmp = target.with_name(f".tmp-{target.name}")
         with _deferred_signals():
@@ -370,20 +382,32 @@ class RaftLoop:
                 tmp.mkdir()
             dist.barrier()
             self.adapter.save(tmp)
+            if self.pool.active and dist.is_main():
+                self.pool.save(tmp)
             dist.barrier()
             if dist.is_main():
                 (tmp / STATE_FILE).write_text(json.dumps({"stage": stage, "metrics": record}), encoding="utf-8")
                 tmp.rename(target)
-                self.run_dir.prune_checkpoints(self.config.run.keep_checkpoints)
+                keep = {self.guard.best_stage} if self.guard.selects else set()
+                self.run_dir.prune_checkpoints(self.config.run.keep_checkpoints, protect=keep)
             dist.barrier()
 
     def _export_final(self) -> None:
+        """Export the stage the guard names (the best by ``guard.metric``, else the last) to ``final/``,
+        and say in ``outcome.json`` which one it is and why the run ended."""
+        last = self.run_dir.last_stage()
+        outcome = self.guard.outcome(last)
+        exported = outcome["exported_stage"]
         with _deferred_signals():
+            if exported != last:
+                self.adapter.load(self.run_dir.checkpoint_dir(exported))
             if dist.is_main():
                 with atomic_dir(self.run_dir.final) as tmp:
                     self.adapter.export(tmp)
+                atomic_write_text(self.run_dir.root / OUTCOME_FILE, json.dumps(outcome, indent=2) + "\n")
             dist.barrier()
-        self.log(f"exported to {self.run_dir.final}")
+        which = f"stage {exported}" + (f", the best by {outcome['metric']}" if outcome["rule"] != "last stage" else "")
+        self.log(f"exported {which} to {self.run_dir.final}")
 
     # -- signals ---------------------------------------------------------------------------
 

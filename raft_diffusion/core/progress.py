@@ -14,6 +14,9 @@ A bar shows only on the main process, only when stderr is a terminal, and never 
         bar.update()
     bar.close()
 
+The run's phases (loading, generating, scoring, fine-tuning, evaluating) each get one bar in the
+same line (:func:`phase`); the adapters move it with :func:`advance`.
+
 Print through :func:`write` while a bar may be showing, so the bar is redrawn below the text
 instead of being torn by it.
 """
@@ -21,13 +24,15 @@ instead of being torn by it.
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
 from raft_diffusion.core import dist
 
 _QUIET = False
+_PHASE: tqdm | None = None  # the bar of the phase under way, which advance() moves
 
 
 def set_quiet(quiet: bool) -> None:
@@ -55,3 +60,23 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
 def write(message: str) -> None:
     """Print a line to stdout without breaking the bars being drawn."""
     tqdm.write(message, file=sys.stdout)
+
+
+@contextmanager
+def phase(desc: str, total: int | None = None, **kwargs) -> Iterator[tqdm]:
+    """One bar for a phase of the run (``stage 3/10 generate``), replaced by the next phase's in
+    the same line. Work inside it reports with :func:`advance`; without a total it shows the time."""
+    global _PHASE
+    bar = progress(total=total, desc=desc, leave=False, **kwargs)
+    previous, _PHASE = _PHASE, bar
+    try:
+        yield bar
+    finally:
+        bar.close()
+        _PHASE = previous
+
+
+def advance(n: int = 1) -> None:
+    """Move the current phase's bar by ``n`` (nothing outside a phase)."""
+    if _PHASE is not None:
+        _PHASE.update(n)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raft_diffusion.core import plugins
+
 # The paper's SD-1.5 experiment prompts with the ten CIFAR-10 class names.
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -20,26 +22,33 @@ class PromptError(ValueError):
     """A prompt source that cannot be used (one-line message)."""
 
 
-def _demo_world(split: str) -> list[str]:
-    from raft_diffusion.demo import world
-
-    return world.train_prompts() if split == "train" else world.eval_prompts()
-
-
-def _text_world(split: str) -> list[str]:
-    from raft_diffusion.demo import text_world
-
-    return text_world.train_prompts() if split == "train" else text_world.eval_prompts()
-
-
+# The prompt sets this module holds; others (the demo worlds', a user's) are plug-ins of kind
+# "prompts": a function of no arguments returning a list of strings (see core/plugins.py).
 BUILTIN = {
     "cifar10": lambda: list(CIFAR10),
     "simple_animals": lambda: list(SIMPLE_ANIMALS),
-    "demo_train": lambda: _demo_world("train"),
-    "demo_eval": lambda: _demo_world("eval"),
-    "llm_demo_train": lambda: _text_world("train"),
-    "llm_demo_eval": lambda: _text_world("eval"),
 }
+
+
+def builtin_prompts(name: str, what: str = "prompts") -> list[str]:
+    """A built-in or plug-in prompt set by name."""
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    if name not in plugins.names("prompts") and not plugins.is_target(name):
+        import difflib
+
+        known = [*BUILTIN, *plugins.names("prompts")]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (available: {', '.join(known)})"
+        raise PromptError(f"{what}: unknown built-in prompt set {name!r}{hint}")
+    try:
+        source = plugins.find("prompts", name)
+    except plugins.PluginError as err:
+        raise PromptError(f"{what}: {err}") from None
+    prompts = list(source() if callable(source) else source)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PromptError(f"{what}: prompt set {name!r} is not a non-empty list of strings")
+    return prompts
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -79,13 +88,7 @@ def _source(items: list[str], file: str | None, builtin: str | None, what: str) 
     if file:
         return read_prompt_file(file)
     if builtin:
-        if builtin not in BUILTIN:
-            import difflib
-
-            close = difflib.get_close_matches(builtin, list(BUILTIN), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (available: {', '.join(BUILTIN)})"
-            raise PromptError(f"{what}: unknown built-in prompt set {builtin!r}{hint}")
-        return BUILTIN[builtin]()
+        return builtin_prompts(builtin, what)
     return []
 
 

@@ -186,8 +186,10 @@ class RunDir:
     def read_state(self, stage: int) -> dict:
         return json.loads((self.checkpoint_dir(stage) / STATE_FILE).read_text(encoding="utf-8"))
 
-    def prune_checkpoints(self, keep: int) -> None:
+    def prune_checkpoints(self, keep: int, protect: set = frozenset()) -> None:
+        """Keep the newest ``keep`` checkpoints (all when 0) and those of the stages in ``protect``."""
         if keep <= 0:
             return
         for stage in self.completed_stages()[:-keep]:
-            shutil.rmtree(self.checkpoint_dir(stage), ignore_errors=True)
+            if stage not in protect:
+                shutil.rmtree(self.checkpoint_dir(stage), ignore_errors=True)

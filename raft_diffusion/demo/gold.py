@@ -10,12 +10,11 @@ from __future__ import annotations
 import torch
 
 from raft_diffusion.demo import world
-from raft_diffusion.rewards.base import RewardError, register_reward
+from raft_diffusion.core.protocols import RewardError
 
 ALIGN_PARTS = ("both", "colour", "shape")
 
 
-@register_reward("demo_gold")
 def demo_gold():
     def score(images, prompts):
         return torch.as_tensor(world.gold_aesthetic(images), dtype=torch.float32)
@@ -24,7 +23,6 @@ def demo_gold():
     return score
 
 
-@register_reward("demo_gold_align")
 def demo_gold_align(part: str = "both"):
     if part not in ALIGN_PARTS:
         raise RewardError(f"demo_gold_align: part must be one of {ALIGN_PARTS}, got {part!r}")

@@ -28,7 +28,6 @@ from typing import Sequence
 
 import numpy as np
 
-from raft_diffusion.rewards.base import register_reward
 
 SUBJECTS: dict[str, tuple[str, ...]] = {
     "food": ("pizza", "burger", "pasta", "soup", "salad", "sushi", "curry", "steak", "coffee", "cake"),
@@ -211,7 +210,6 @@ def gold_sentiment(texts: Sequence[str]) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64)
 
 
-@register_reward("demo_gold_sentiment")
 def demo_gold_sentiment():
     """Gold sentiment of each response (positive minus negative words); an eval metric of the demo."""
 

@@ -1,4 +1,6 @@
-from raft_diffusion.rewards.base import (
+"""Rewards: the built-in image and text rewards, and building the weighted reward a config names."""
+
+from raft_diffusion.rewards.registry import (
     FunctionReward,
     Reward,
     RewardError,

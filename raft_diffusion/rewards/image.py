@@ -14,7 +14,6 @@ import torch
 
 from aesthetic.loading import as_pil_images, parse_dtype
 from raft_diffusion.assets import resolve
-from raft_diffusion.rewards.base import register_reward
 
 
 def _resolve(value):
@@ -48,7 +47,6 @@ class _ClipReward:
         return self._scorer
 
 
-@register_reward("aesthetic")
 class AestheticReward(_ClipReward):
     """LAION aesthetic score (AVA scale 1-10). Defaults: OpenAI CLIP ViT-L/14 and the LAION head."""
 
@@ -67,7 +65,6 @@ class AestheticReward(_ClipReward):
         return self.scorer.score(outputs)
 
 
-@register_reward("clip_score")
 class ClipScoreReward(_ClipReward):
     """CLIP score ``100 * max(cos(image, prompt), 0)``."""
 
@@ -95,19 +92,16 @@ def jpeg_size_kb(images) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
-@register_reward("jpeg_compressibility")
 def jpeg_compressibility():
     """Negative JPEG size in kB: smaller files (simpler images) score higher."""
     return lambda outputs, prompts: -jpeg_size_kb(outputs)
 
 
-@register_reward("jpeg_incompressibility")
 def jpeg_incompressibility():
     """JPEG size in kB: larger files (more detailed images) score higher."""
     return lambda outputs, prompts: jpeg_size_kb(outputs)
 
 
-@register_reward("brightness")
 def brightness():
     """Mean pixel value in [0, 1] over all RGB channels."""
 

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from raft_diffusion.rewards.base import RewardError, build_reward_fn, import_target, register_reward, to_scores
+from raft_diffusion.rewards.registry import RewardError, build_reward_fn, import_target, to_scores
 
 FILTERED_SCORE = -1e4
 
@@ -99,7 +99,6 @@ def with_filter(reward: Callable, filter=None, filtered_score: float = FILTERED_
     return reward if keep is None else FilteredReward(reward, keep, filtered_score, name)
 
 
-@register_reward("filtered")
 def filtered(reward: dict, filter, filtered_score: float = FILTERED_SCORE, device: str | None = None):
     """Any reward spec (``{name: ..., args: ...}`` or ``{target: "module:function"}``) behind a filter."""
     if not isinstance(reward, dict):
@@ -186,7 +185,6 @@ class HFRewardModel:
         return torch.cat(scores) if scores else torch.zeros(0)
 
 
-@register_reward("hf_reward_model")
 def hf_reward_model(model: str, label=None, batch_size: int = 16, max_length: int = 512, chat_template: bool = False,
                     prompt_format: str = "{prompt}{response}", text_pair: bool = False, dtype: str = "float32",
                     device: str | None = None, filter=None, filtered_score: float = FILTERED_SCORE):
@@ -201,7 +199,6 @@ def hf_reward_model(model: str, label=None, batch_size: int = 16, max_length: in
     return with_filter(reward, filter, filtered_score, "hf_reward_model")
 
 
-@register_reward("word_count")
 def word_count(words, case_sensitive: bool = False, filter=None, filtered_score: float = FILTERED_SCORE):
     """Occurrences of ``words`` (a word or a list) as whole words in each response."""
     words = [words] if isinstance(words, str) else list(words or [])

@@ -1,7 +1,8 @@
-"""The Adapter protocol: what the RAFT loop needs from a generative model.
+"""The contracts the RAFT loop relies on: candidates, adapters, rewards, training statistics.
 
 The loop never sees a model library. An adapter samples candidates, fine-tunes on the chosen
-ones with the model's ordinary supervised loss, and saves, loads and exports its weights.
+ones with the model's ordinary supervised loss, and saves, loads and exports its weights; a
+reward maps outputs to one float each. Both are found by name through :mod:`raft_diffusion.core.plugins`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+
+class RewardError(ValueError):
+    """A reward could not be built or returned something unusable (one-line message)."""
 
 
 @dataclass
@@ -31,8 +36,24 @@ class Candidate:
     k_index: int = 0  # position among the K candidates of that prompt
 
 
+# What ``Adapter.finetune`` returns (the loop logs each as ``train_<key>``; the report plots ``loss``).
+TRAIN_STATS = {
+    "loss": "mean training loss over the stage's optimizer steps (all processes)",
+    "loss_first": "loss of the first optimizer step",
+    "loss_last": "loss of the last optimizer step",
+    "grad_norm": "mean gradient norm before clipping",
+    "steps": "optimizer steps",
+    "samples": "samples seen (all processes)",
+    "seconds": "wall seconds in finetune",
+    "seconds_per_step": "seconds per optimizer step",
+    "lr": "learning rate of the stage's last step",
+}
+
+
 @runtime_checkable
 class Adapter(Protocol):
+    """A generative model behind the loop. Built as ``Adapter(config, accelerator)``."""
+
     def generate(self, prompts: list[str], k: int, seeds: list[int]) -> list[Candidate]:
         """K candidates per prompt, grouped by prompt: candidate ``i * k + j`` is the ``j``-th of
         ``prompts[i]`` and is drawn from ``seeds[i * k + j]`` alone, so any candidate can be
@@ -40,11 +61,12 @@ class Adapter(Protocol):
         ...
 
     def finetune(self, chosen: list[Candidate]) -> dict[str, float]:
-        """Supervised fine-tuning on the chosen candidates; returns training statistics."""
+        """Supervised fine-tuning on the chosen candidates; returns :data:`TRAIN_STATS`."""
         ...
 
     def save(self, path: str | Path) -> None:
-        """Trainable weights, optimizer and RNG state, enough to resume bit for bit."""
+        """Trainable weights, optimizer and RNG state, enough to resume bit for bit.
+        Called on every process."""
         ...
 
     def load(self, path: str | Path) -> None: ...
@@ -57,3 +79,10 @@ class Adapter(Protocol):
 def has_log_ratio(adapter: Any) -> bool:
     """Whether the adapter offers ``log_ratio(candidates) -> Tensor[N]`` (log p/p0, for KL-shaped ranking)."""
     return callable(getattr(adapter, "log_ratio", None))
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """Higher is better: one float per output (PIL images for diffusion, strings for LLMs)."""
+
+    def __call__(self, outputs: list, prompts: list[str]) -> Any: ...

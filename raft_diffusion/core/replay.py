@@ -1,0 +1,111 @@
+"""The replay pool: what a stage fine-tunes on besides its own chosen candidates.
+
+* **Replay**: the chosen candidates of the previous ``replay.stages`` stages, with the payloads
+  they were generated with (no regeneration), capped at ``replay.max_samples`` by reward, so a
+  stage's few chosen samples are not repeated over and over.
+* **Anchors** (prior preservation, as in DreamBooth): ``replay.anchor_samples`` unselected
+  candidates of stage 1, drawn by the starting model, make up ``replay.anchor_share`` of the
+  training samples and are trained toward themselves, which holds the model near where it started.
+
+The pool is saved with every checkpoint (``replay.safetensors`` + ``replay.json``), so a resumed
+run trains on exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raft_diffusion.core.protocols import Candidate
+
+TENSORS_FILE = "replay.safetensors"
+INDEX_FILE = "replay.json"
+
+
+@dataclass
+class Entry:
+    candidate: Candidate
+    reward: float
+    stage: int
+    anchor: bool = False
+
+
+class ReplayPool:
+    def __init__(self, config, seed: int):
+        self.config = config.replay
+        self.seed = seed
+        self.entries: list[Entry] = []
+
+    @property
+    def active(self) -> bool:
+        return self.config.stages > 0 or self.config.anchor_share > 0
+
+    @property
+    def wants_anchors(self) -> bool:
+        return self.config.anchor_share > 0 and not any(e.anchor for e in self.entries)
+
+    def anchor_indices(self, n: int, stage: int) -> list[int]:
+        """Which of a stage's ``n`` candidates (flat indices) become anchors: a seeded draw."""
+        rng = np.random.default_rng([self.seed, 0xA7C4, stage])
+        return sorted(rng.choice(n, size=min(n, self.config.anchor_samples), replace=False).tolist())
+
+    def add_anchors(self, stage: int, candidates: list[Candidate], rewards: list[float]) -> None:
+        self.entries += [Entry(c, r, stage, anchor=True) for c, r in zip(candidates, rewards)]
+
+    def training_set(self, stage: int, chosen: list[Candidate], chosen_rewards: list[float]) -> list[Candidate]:
+        """This stage's chosen candidates, the replayed ones of earlier stages and the anchors."""
+        replayed = [e for e in self.entries if not e.anchor and stage - e.stage <= self.config.stages]
+        targets = [Entry(c, r, stage) for c, r in zip(chosen, chosen_rewards)] + replayed
+        if self.config.max_samples and len(targets) > self.config.max_samples:
+            targets = sorted(targets, key=lambda e: -e.reward)[: self.config.max_samples]  # stable: newest first on ties
+        out = [e.candidate for e in targets]
+        anchors = [e.candidate for e in self.entries if e.anchor]
+        share = self.config.anchor_share
+        if share > 0 and anchors:
+            n = round(share / (1 - share) * len(out))
+            rng = np.random.default_rng([self.seed, 0xA7C5, stage])
+            picks = np.concatenate([rng.permutation(len(anchors)) for _ in range(-(-n // len(anchors)))])[:n]
+            out += [anchors[int(i)] for i in picks]
+        return out
+
+    def update(self, stage: int, chosen: list[Candidate], chosen_rewards: list[float]) -> None:
+        """Keep this stage's chosen candidates; forget what no later stage will replay."""
+        if self.config.stages > 0:
+            self.entries += [Entry(_light(c), r, stage) for c, r in zip(chosen, chosen_rewards)]
+        self.entries = [e for e in self.entries if e.anchor or stage + 1 - e.stage <= self.config.stages]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors, index = {}, []
+        for i, e in enumerate(self.entries):
+            c = e.candidate
+            tensors.update({f"{i}/{key}": value.clone() for key, value in c.payload.items()})  # a copy: safetensors refuses shared storage
+            index.append({"prompt": c.prompt, "seed": c.seed, "prompt_index": c.prompt_index, "k_index": c.k_index,
+                          "reward": e.reward, "stage": e.stage, "anchor": e.anchor, "keys": sorted(c.payload)})
+        save_file(tensors, str(path / TENSORS_FILE))
+        (path / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
+
+    def load(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / INDEX_FILE).is_file():
+            raise FileNotFoundError(f"{path}: no replay pool ({INDEX_FILE}); was it written with replay off?")
+        tensors = load_file(str(path / TENSORS_FILE))
+        self.entries = []
+        for i, row in enumerate(json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))):
+            payload = {key: tensors[f"{i}/{key}"] for key in row["keys"]}
+            cand = Candidate(row["prompt"], row["seed"], None, payload, row["prompt_index"], row["k_index"])
+            self.entries.append(Entry(cand, row["reward"], row["stage"], row["anchor"]))
+
+
+def _light(c: Candidate) -> Candidate:
+    """The candidate without its output (an image or text: fine-tuning reads only the payload)."""
+    return Candidate(c.prompt, c.seed, None, c.payload, c.prompt_index, c.k_index)

@@ -1,0 +1,104 @@
+"""Building the rewards a config names: registered names, ``module:function`` targets, weights.
+
+A reward maps generated outputs (PIL images for diffusion, strings for language models) and
+their prompts to one float per output; higher is better. Anything callable as
+``reward(outputs, prompts) -> sequence of floats`` is a reward. A name refers to a *factory*: a
+function or class that takes the config's ``args`` as keywords and returns the callable, registered
+with :func:`register_reward` or declared as an entry point (see :mod:`raft_diffusion.core.plugins`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable
+
+from raft_diffusion.core import plugins
+from raft_diffusion.core.protocols import Reward, RewardError
+from raft_diffusion.core.scores import FunctionReward, WeightedReward, to_scores
+
+__all__ = ["FunctionReward", "Reward", "RewardError", "WeightedReward", "available_rewards", "build_reward",
+           "build_reward_fn", "import_target", "register_reward", "to_scores"]
+
+
+def register_reward(name: str):
+    """Register a reward factory under ``name`` (usable as ``rewards: [{name: ...}]``) for this process.
+
+    Installed packages can also declare rewards as entry points of the group
+    ``raft_diffusion.rewards`` (this package's built-ins are declared there).
+    """
+
+    def wrap(factory):
+        return plugins.register("rewards", name, factory)
+
+    return wrap
+
+
+def available_rewards() -> list[str]:
+    return plugins.names("rewards")
+
+
+def import_target(target: str) -> Any:
+    """Resolve ``"package.module:attribute"`` to the object it names."""
+    try:
+        return plugins.import_target(target)
+    except plugins.PluginError as err:
+        raise RewardError(f"reward {target!r}: {err}") from None
+
+
+def _call_factory(factory: Callable[..., Any], args: dict, device: str | None, label: str) -> Any:
+    params = inspect.signature(factory).parameters
+    kwargs = dict(args)
+    if device is not None and "device" in params and "device" not in kwargs:
+        kwargs["device"] = device
+    try:
+        return factory(**kwargs)
+    except TypeError as err:
+        raise RewardError(f"reward {label!r}: bad args {sorted(args)} ({err})") from None
+
+
+def build_reward_fn(spec: dict, device: str | None = None) -> tuple[str, Callable]:
+    """Build one reward from ``{name: ..., args: {...}}`` or ``{target: "module:function", args: {...}}``.
+
+    A target that names a plain function with the ``(outputs, prompts)`` signature is used as is;
+    a target that names a class or a factory (any callable taking the args) is called with the args.
+    """
+    args = dict(spec.get("args") or {})
+    if spec.get("target"):
+        target = spec["target"]
+        obj = import_target(target)
+        if not callable(obj):
+            raise RewardError(f"reward target {target!r} is not callable")
+        label = spec.get("name") or target.rpartition(":")[2]
+        if args or inspect.isclass(obj):
+            obj = _call_factory(obj, args, device, target)
+            if not callable(obj):
+                raise RewardError(f"reward target {target!r} did not return a callable")
+        return label, obj
+    name = spec.get("name")
+    try:
+        factory = plugins.find("rewards", str(name), what="reward")
+    except plugins.PluginError as err:
+        raise RewardError(str(err)) from None
+    return name, _call_factory(factory, args, device, name)
+
+
+def build_reward(specs: list[dict], device: str | None = None) -> WeightedReward:
+    """Build the weighted sum of the rewards a config lists."""
+    if not specs:
+        raise RewardError("no rewards configured")
+    parts = []
+    seen: set[str] = set()
+    for spec in specs:
+        label, fn = build_reward_fn(spec, device)
+        if label in seen:  # two rewards of one kind keep distinct names, e.g. demo_gold_align_colour
+            simple = [str(v) for v in (spec.get("args") or {}).values() if isinstance(v, (str, int, float))]
+            label = "_".join([label, *simple]) if simple else label
+        while label in seen:
+            label += "_"
+        seen.add(label)
+        weight = float(spec.get("weight", 1.0))
+        if not math.isfinite(weight):
+            raise RewardError(f"reward {label!r}: weight must be finite")
+        parts.append((label, weight, fn))
+    return WeightedReward(parts)
