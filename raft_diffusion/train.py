@@ -56,6 +56,11 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     # 1. Check everything that needs no model: prompts, rewards, guard, the run folder.
     _, eval_prompts = load_prompts(config.prompts)
     accelerator = make_accelerator(config)  # first: it sets up the process group under accelerate launch
+    from accelerate.utils import set_seed
+
+    # Every process's global RNGs (dropout, say) from the run seed and its rank, so runs repeat;
+    # a resumed run restores them from its checkpoint instead.
+    set_seed(config.run.seed, device_specific=True)
     device = str(accelerator.device)
     if device == "cpu" and config.run.cpu_threads:
         import torch

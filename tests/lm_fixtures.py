@@ -25,10 +25,12 @@ def tiny_config(tokenizer, **extra) -> GPT2Config:
                       initializer_range=0.2, eos_token_id=0, bos_token_id=0, pad_token_id=1, **extra)
 
 
-def build_tiny_lm(path: str | Path) -> str:
+def build_tiny_lm(path: str | Path, dropout: float = 0.1) -> str:
+    """``dropout``: GPT-2's own (embeddings, attention, residual); 0 makes training deterministic."""
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    GPT2LMHeadModel(tiny_config(tokenizer)).save_pretrained(path)
+    config = tiny_config(tokenizer, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

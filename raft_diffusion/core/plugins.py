@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
 from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Any
@@ -61,6 +63,10 @@ def import_target(target: str) -> Any:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise PluginError(f"{target!r} must look like 'package.module:attribute'")
+    # A user's module next to the config (``mypkg/rewards.py`` in the working folder) is found as
+    # ``python -m`` would find it; the working folder comes last, so it never shadows an installed package.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # whatever a plug-in's import raises is reported in one line
