@@ -1,5 +1,6 @@
 """LLM adapter and text rewards on a tiny GPT-2 built from config (offline, CPU, seconds)."""
 
+import json
 import math
 import sys
 import types
@@ -318,7 +319,8 @@ def test_llm_run_through_the_loop_shows_its_loss(lm_dir, tmp_path, capsys):
 
     config = make_config(lm_dir, run={"output_dir": str(tmp_path), "name": "llm", "stages": 2, "save_images": False},
                          prompts={"items": PROMPTS, "eval_items": ["a movie is"]}, eval={"every": 1, "k": 4},
-                         log={"tensorboard": False, "report": True})
+                         log={"tensorboard": False, "report": True},
+                         replay={"stages": 1}, guard={"metric": "eval_reward"})  # the loop-level recipe serves text too
     run_dir = train(config)
     records = run_dir.read_metrics()
     trained = [r for r in records if r["stage"] > 0]
@@ -330,3 +332,6 @@ def test_llm_run_through_the_loop_shows_its_loss(lm_dir, tmp_path, capsys):
     assert "loss " in capsys.readouterr().out  # the stage lines printed during the run
     assert 'alt="loss"' in run_dir.report.read_text()  # the report plots it
     assert (run_dir.final / "adapter_config.json").is_file()
+    assert trained[1]["n_trained_on"] == 2 * trained[0]["n_trained_on"]  # stage 2 also replays stage 1's chosen
+    assert (run_dir.checkpoint_dir(2) / "replay.json").is_file()
+    assert json.loads((run_dir.root / "outcome.json").read_text())["rule"] == "best eval_reward"
