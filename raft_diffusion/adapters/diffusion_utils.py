@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from raft_diffusion.assets import resolve
+from raft_diffusion.hub import hub_reachable, local_files_only, no_hub_reason
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -85,11 +86,13 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     sampler_cls = scheduler_class(model.scheduler)  # refuse a bad name before loading anything
     name = _local_or_hub(resolve(model.pretrained), "model.pretrained")
     folder = Path(name)
-    if not folder.is_dir():  # a hub id: the snapshot from_pretrained would fetch (only the cache, quickly, when offline)
+    if not folder.is_dir():  # a hub id: the snapshot from_pretrained would fetch (only the cache when the hub is out of reach)
         try:
-            folder = Path(diffusers.DiffusionPipeline.download(name, revision=model.revision, variant=model.variant))
+            folder = Path(diffusers.DiffusionPipeline.download(
+                name, revision=model.revision, variant=model.variant, local_files_only=local_files_only()
+            ))
         except (OSError, ValueError) as err:
-            _not_loaded(model, name, err)
+            _not_loaded("model.pretrained", model.pretrained, err)
     index = folder / "model_index.json"
     if not index.is_file():
         raise ModelNotFoundError(
@@ -97,7 +100,7 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
         )
     class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
     if class_name not in PIPELINES:
-        raise UnsupportedModelError(
+        raise ValueError(
             f"model.pretrained={model.pretrained!r} is a {class_name} folder; "
             f"the diffusion adapter runs {' and '.join(PIPELINES)} folders"
         )
@@ -105,16 +108,20 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     kwargs = dict(dtype=dtype, revision=model.revision, variant=model.variant)
     if xl:
         if model.safety_checker:
-            raise UnsupportedModelError("model.safety_checker: StableDiffusionXLPipeline has no safety checker; set it to false")
+            raise ValueError("model.safety_checker: StableDiffusionXLPipeline has no safety checker; set it to false")
         kwargs["add_watermarker"] = False  # we decode ourselves; rewards see the model's own pixels
     elif not model.safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if model.vae:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(_local_or_hub(resolve(model.vae), "model.vae"), dtype=dtype)
+        vae = _local_or_hub(resolve(model.vae), "model.vae")
+        try:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype, local_files_only=local_files_only())
+        except (OSError, ValueError) as err:
+            _not_loaded("model.vae", vae, err)
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as err:
-        _not_loaded(model, str(folder), err)
+        _not_loaded("model.pretrained", str(folder), err)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
     if xl:
@@ -125,13 +132,16 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     return pipe
 
 
-def _not_loaded(model, name: str, err: Exception) -> NoReturn:
+def _not_loaded(key: str, name: str, err: Exception) -> NoReturn:
     if Path(name).is_dir():  # a real folder that fails to load: let the real error through
         raise err
+    if not hub_reachable():
+        where = f"is not in the Hugging Face cache ({no_hub_reason()})"
+    else:
+        where = f"could not be loaded from the Hugging Face hub ({type(err).__name__})"
     raise ModelNotFoundError(
-        f"model.pretrained={model.pretrained!r}: no such folder, and the hub id could not be loaded from the "
-        f"Hugging Face hub or its local cache ({type(err).__name__}); download the pipeline where there is network "
-        f"and pass model.pretrained=/path/to/folder"
+        f"{key}={name!r}: no such folder, and the hub id {where}; download it where there is network "
+        f"(`hf download {name} --local-dir DIR`) and pass {key}=DIR"
     ) from None
 
 

@@ -51,8 +51,11 @@ class ModelNotFoundError(FileNotFoundError):
 def load_pretrained(cls, name: str, key: str, **kwargs):
     """``cls.from_pretrained(name)`` with ``demo:NAME`` resolved and a one-line error when missing.
 
-    ``key`` names the config entry that holds ``name``, so the message says what to change.
+    ``key`` names the config entry that holds ``name``, so the message says what to change. A hub
+    id is read from the local cache only when the hub cannot be reached (no retries).
     """
+    from raft_diffusion.hub import hub_reachable, local_files_only, no_hub_reason
+
     path = resolve(name)
     local = Path(path).expanduser()
     if local.is_dir():
@@ -60,11 +63,13 @@ def load_pretrained(cls, name: str, key: str, **kwargs):
     if local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
         raise ModelNotFoundError(f"{key}: folder {path} does not exist")
     try:
-        return cls.from_pretrained(path, **kwargs)
+        return cls.from_pretrained(path, local_files_only=local_files_only(), **kwargs)
     except OSError:
+        why = f"is not in the Hugging Face cache ({no_hub_reason()})" if not hub_reachable() else (
+            "could not be loaded from the Hugging Face hub")
         raise ModelNotFoundError(
-            f"{key}: {path!r} is not a local folder and is not in the Hugging Face cache (no network?); "
-            f"download it where there is network (`hf download {path} --local-dir DIR`) and set {key} to DIR"
+            f"{key}: {path!r} is not a local folder and {why}; download it where there is network "
+            f"(`hf download {path} --local-dir DIR`) and set {key}=DIR"
         ) from None
 
 
