@@ -144,3 +144,28 @@ def test_console_command_in_a_fresh_process(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "nonsense" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (["rewards=[{name: aesthetic, args: {clip: ViT-L-14, pretrained: openai}}]"], "rewards.0"),
+        (["eval.every=1", "prompts.eval_items=[a blue square]", "eval.metrics=[{name: clip_score}]"], "eval.metrics.0"),
+    ],
+    ids=["reward", "eval-metric"],
+)
+def test_reward_weights_not_on_disk_fail_before_the_model_loads(extra, key, tiny_sd, tmp_path, capsys, monkeypatch):
+    """A reward or eval metric whose weights are missing ends the run before the pipeline loads (let alone
+    samples), naming the overrides that point it at local files."""
+    from huggingface_hub import constants
+
+    import raft_diffusion.adapters as adapters
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # no developer's cached CLIP
+    monkeypatch.setattr(adapters, "build_adapter", lambda *a, **k: pytest.fail("the model loaded before the reward"))
+    out = tmp_path / "out"
+    assert main(["train", *small_run(tiny_sd, out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {key} (") and "\n" not in err and "ViT-L-14/openai" in err
+    assert f"{key}.args.clip=ViT-L-14-quickgelu {key}.args.pretrained=/path/to/open_clip_pytorch_model.bin" in err
+    assert not (out / "bad").exists()

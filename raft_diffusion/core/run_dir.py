@@ -121,17 +121,21 @@ class RunDir:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunDirError(f"run folder {self.root} is not writable (no write permission on {parent})")
 
-    def prepare(self, resume: bool, overwrite: bool) -> int:
-        """Make the folder ready; return the stage to continue after (0 for a fresh run)."""
-        self.check_writable()
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Refuse, touching nothing, what :meth:`prepare` would refuse."""
         if resume and overwrite:
             raise RunDirError("give either --resume or --overwrite, not both")
+        self.check_writable()
         if self.root.exists() and not self.root.is_dir():
             raise RunDirError(f"run folder {self.root} exists and is not a folder")
+        if self.root.is_dir() and self.has_progress() and not resume and not overwrite:
+            what = "a finished run" if self.is_finished() else f"a run at stage {self.last_stage()}"
+            raise RunDirError(f"{self.root} already holds {what}; pass --resume to continue it or --overwrite to start over")
+
+    def prepare(self, resume: bool, overwrite: bool) -> int:
+        """Make the folder ready; return the stage to continue after (0 for a fresh run)."""
+        self.check(resume, overwrite)
         if self.root.is_dir() and self.has_progress() and not resume:
-            if not overwrite:
-                what = "a finished run" if self.is_finished() else f"a run at stage {self.last_stage()}"
-                raise RunDirError(f"{self.root} already holds {what}; pass --resume to continue it or --overwrite to start over")
             # Nothing finished is destroyed: the old run is moved aside, not deleted.
             aside = self.root.with_name(f"{self.root.name}.{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(self.root, aside)

@@ -1,8 +1,9 @@
 """Image rewards: LAION aesthetic score, CLIP score, JPEG (in)compressibility, brightness.
 
 Each takes the generated images (PIL, RGB) and their prompts and returns float32 ``[N]``.
-The CLIP-based rewards load their model on first use, once; string arguments written
-``demo:NAME`` name packaged demo assets.
+The CLIP-based rewards load their model once, on ``load()`` (which ``train`` and ``score`` call
+before any image is made) or on first use; string arguments written ``demo:NAME`` name packaged
+demo assets.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class _ClipReward:
 
     def build(self):
         raise NotImplementedError
+
+    def load(self) -> None:
+        """Load the CLIP (and head) now: a run calls this before its first sample, so that weights
+        that are not on this machine end it at once rather than after a round of generation."""
+        _ = self.scorer
 
     @property
     def scorer(self):

@@ -82,6 +82,11 @@ class FilteredReward:
         self.reward, self.keep, self.name = reward, keep, name
         self.filtered_score = float(filtered_score)
 
+    def load(self) -> None:
+        """Load the wrapped reward's model now, if it loads one (see ``train.load_reward_models``)."""
+        if callable(getattr(self.reward, "load", None)):
+            self.reward.load()
+
     def __call__(self, outputs: list, prompts: list[str]) -> torch.Tensor:
         mask = [bool(k) for k in self.keep(outputs, prompts)]
         if len(mask) != len(outputs):
