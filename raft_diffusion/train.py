@@ -11,7 +11,7 @@ from raft_diffusion.core import dist, progress
 from raft_diffusion.core.config import Config, save_config
 from raft_diffusion.core.loop import RaftLoop
 from raft_diffusion.core.prompts import load_prompts
-from raft_diffusion.core.run_dir import RunDir
+from raft_diffusion.core.run_dir import RunDir, os_errors_name
 from raft_diffusion.rewards.base import RewardError, WeightedReward, build_reward
 
 
@@ -91,7 +91,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     start_after = run_dir.prepare(resume=resume, overwrite=overwrite) if dist.is_main() else 0
     start_after = dist.broadcast_object(start_after)
     if dist.is_main():
-        save_config(config, run_dir.config)
+        with os_errors_name(run_dir.root, "cannot write run folder"):
+            save_config(config, run_dir.config)
 
     # 2. Build the model.
     quiet_model_libraries()
@@ -116,13 +117,15 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
         on_eval=images.eval_grid if images else None,
         on_record=metrics_logger.log if metrics_logger else None,
     )
-    try:
-        loop.run(start_after=start_after)
-    finally:
-        if metrics_logger:
-            metrics_logger.close()
-    if dist.is_main() and config.log.report:
-        report.write_report(run_dir)
+    # A full disk or a vanished run folder ends the run in one line; finished stages stay resumable.
+    with os_errors_name(run_dir.root, "cannot write run folder", "finished stages are kept: fix it and pass --resume"):
+        try:
+            loop.run(start_after=start_after)
+        finally:
+            if metrics_logger:
+                metrics_logger.close()
+        if dist.is_main() and config.log.report:
+            report.write_report(run_dir)
     if dist.is_main() and not quiet:
         print(report.summary_table(run_dir.read_metrics()))
     return run_dir

@@ -85,6 +85,8 @@ CASES = [
     ("reward-all-nan", ["rewards=[{target: 'tests.plugins:all_nan'}]"], "no finite score"),
     ("reward-raises", ["rewards=[{target: 'tests.plugins:raises'}]"], "scoring service is down"),
     ("unwritable-output", lambda t: [f"run.output_dir={_write(t / 'a_file', b'x')}/runs"], "not a folder"),
+    ("uncreatable-output", lambda t: ["run.output_dir=/proc/raft-runs"] if Path("/proc/self").is_dir()
+     else pytest.skip("needs Linux /proc"), "cannot create run folder /proc/raft-runs/bad: /proc/raft-runs"),
 ]
 
 
@@ -169,3 +171,24 @@ def test_reward_weights_not_on_disk_fail_before_the_model_loads(extra, key, tiny
     assert err.startswith(f"error: {key} (") and "\n" not in err and "ViT-L-14/openai" in err
     assert f"{key}.args.clip=ViT-L-14-quickgelu {key}.args.pretrained=/path/to/open_clip_pytorch_model.bin" in err
     assert not (out / "bad").exists()
+
+
+def test_full_disk_mid_run_is_one_line_and_the_run_resumes(tiny_sd, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from raft_diffusion.core.run_dir import RunDir
+
+    def disk_full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    args = [*small_run(tiny_sd, tmp_path / "out"), "run.stages=2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "append_metrics", disk_full)
+        assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write run folder") and "No space left on device" in err and "\n" not in err
+    assert "--resume" in err
+    run = RunDir(tmp_path / "out" / "bad")
+    assert run.completed_stages() == [1]  # the stage whose metrics line failed was checkpointed: nothing lost
+    assert main(["train", *args, "--resume"]) == 0
+    assert [r["stage"] for r in run.read_metrics()] == [1, 2] and run.is_finished()
