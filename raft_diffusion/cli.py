@@ -43,6 +43,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("aesthetic.loading", "ClipConfigError"),
         ("aesthetic.predictor", "HeadError"),
         ("raft_diffusion.scoring", "ScoreError"),
+        ("raft_diffusion.sampling", "SampleError"),
+        ("raft_diffusion.adapters.diffusion_utils", "UnsupportedModelError"),
     ):
         # Only modules already imported can have raised; importing the others would cost seconds.
         mod = sys.modules.get(module)

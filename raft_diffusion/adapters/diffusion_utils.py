@@ -47,15 +47,22 @@ class UnsupportedModelError(ValueError):
 # Loading
 
 
+PRETRAINED_SCHEDULER = "pretrained"  # model.scheduler: the sampler the model folder ships with
+
+
 def scheduler_class(name: str):
-    """The diffusers scheduler class for a short name (``ddim``, ``dpm++`` ...) or a class name."""
+    """The diffusers scheduler class for a short name (``ddim``, ``dpm++`` ...) or a class name;
+    ``None`` for ``pretrained``, the model folder's own."""
     import diffusers
 
+    if name.lower() == PRETRAINED_SCHEDULER:
+        return None
     cls_name = SCHEDULERS.get(name.lower(), name)
     cls = getattr(diffusers, cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ValueError(
-            f"model.scheduler: unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers class name"
+        raise UnsupportedModelError(
+            f"model.scheduler: unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}, "
+            f"{PRETRAINED_SCHEDULER} (the model's own) or a diffusers class name"
         )
     return cls
 
@@ -73,7 +80,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_pipeline(model, dtype: torch.dtype = torch.float32):
     """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (per the folder's ``model_index.json``)
-    for a ``ModelConfig``, on the CPU, with the sampler of ``model.scheduler``.
+    for a ``ModelConfig``, on the CPU, with the sampler of ``model.scheduler`` (``pretrained``: the folder's).
 
     ``model.pretrained`` is a local folder, a hub id (from the local cache only when offline) or
     ``demo:NAME``; ``model.vae`` replaces the pipeline's VAE. An SDXL VAE that overflows in float16
@@ -100,7 +107,7 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
         )
     class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
     if class_name not in PIPELINES:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"model.pretrained={model.pretrained!r} is a {class_name} folder; "
             f"the diffusion adapter runs {' and '.join(PIPELINES)} folders"
         )
@@ -108,7 +115,7 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     kwargs = dict(dtype=dtype, revision=model.revision, variant=model.variant)
     if xl:
         if model.safety_checker:
-            raise ValueError("model.safety_checker: StableDiffusionXLPipeline has no safety checker; set it to false")
+            raise UnsupportedModelError("model.safety_checker: StableDiffusionXLPipeline has no safety checker; set it to false")
         kwargs["add_watermarker"] = False  # we decode ourselves; rewards see the model's own pixels
     elif not model.safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -123,7 +130,8 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError) as err:
         _not_loaded("model.pretrained", str(folder), err)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
+    if sampler_cls is not None:
+        pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
     if xl:
         # SDXL's own VAE overflows in float16 (an fp16-safe one, e.g. madebyollin/sdxl-vae-fp16-fix, says so in its config).
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:

@@ -54,7 +54,7 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     lora: LoraConfig = field(default_factory=LoraConfig)
     init_lora: Optional[str] = None  # start from an exported LoRA folder instead of a fresh one
-    scheduler: str = "ddim"  # diffusion sampler: ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc, or a diffusers class name
+    scheduler: str = "ddim"  # diffusion sampler: ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc | pretrained (the model folder's own), or a diffusers class name
     safety_checker: bool = False  # diffusion: load and run the pipeline's safety checker
     vae: Optional[str] = None  # diffusion: a separate VAE folder/id (e.g. an fp16-safe SDXL VAE)
     chat_template: bool = False  # llm: wrap prompts with the tokenizer's chat template

@@ -1,0 +1,45 @@
+"""`raft-diffusion sample` draws the stock pipeline's images by default; `score` scores what it wrote."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raft_diffusion.cli import main
+from tests.sd_fixtures import build_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def pndm_sd(tmp_path_factory):
+    """A tiny pipeline folder whose own scheduler is PNDM, as SD-1.5's is (not the loop's default DDIM)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(build_tiny_sd(tmp_path_factory.mktemp("ddim_sd"))))
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    folder = tmp_path_factory.mktemp("pndm_sd")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def samples(pndm_sd, tmp_path_factory):
+    out = tmp_path_factory.mktemp("samples")
+    assert main(["sample", "--model", str(pndm_sd), "--prompt", "a cat", "--prompt", "a dog", "--n", "2",
+                 "--seed", "3", "--out", str(out)]) == 0
+    return out
+
+
+def test_sample_without_flags_draws_the_stock_pipelines_images(pndm_sd, samples):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pndm_sd))
+    pipe.set_progress_bar_config(disable=True)
+    files = sorted(samples.glob("0*.png"))
+    assert [f.name for f in files] == ["000_seed3.png", "001_seed4.png", "002_seed5.png", "003_seed6.png"]
+    for f, prompt, seed in zip(files, ["a cat", "a cat", "a dog", "a dog"], [3, 4, 5, 6]):
+        # The stock snippet, all defaults (the folder's scheduler, 50 steps, guidance 7.5), seeded.
+        stock = np.asarray(pipe(prompt, generator=torch.Generator().manual_seed(seed)).images[0], dtype=np.int16)
+        ours = np.asarray(Image.open(f).convert("RGB"), dtype=np.int16)
+        assert np.abs(stock - ours).max() <= 1, f.name
