@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,11 @@ def samples(pndm_sd, tmp_path_factory):
     return out
 
 
+def prompt_length(images, prompts):
+    """A reward that reads the prompts only: shows which prompt each image was scored with."""
+    return [float(len(p)) for p in prompts]
+
+
 def test_sample_without_flags_draws_the_stock_pipelines_images(pndm_sd, samples):
     from diffusers import StableDiffusionPipeline
 
@@ -43,3 +50,25 @@ def test_sample_without_flags_draws_the_stock_pipelines_images(pndm_sd, samples)
         stock = np.asarray(pipe(prompt, generator=torch.Generator().manual_seed(seed)).images[0], dtype=np.int16)
         ours = np.asarray(Image.open(f).convert("RGB"), dtype=np.int16)
         assert np.abs(stock - ours).max() <= 1, f.name
+
+
+def test_score_on_a_sample_folder_scores_exactly_the_samples_with_their_prompts(samples, tmp_path):
+    assert (samples / "grid.png").is_file()
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(samples), "--reward", "tests.test_sample_and_score:prompt_length", "--out", str(out)]) == 0
+    rows = {row["path"].rpartition("/")[2]: float(row["score"]) for row in csv.DictReader(open(out))}
+    assert rows == {"000_seed3.png": 5.0, "001_seed4.png": 5.0, "002_seed5.png": 5.0, "003_seed6.png": 5.0}
+    assert main(["score", str(samples), "--reward", "tests.test_sample_and_score:prompt_length", "--prompt", "a bird",
+                 "--out", str(out)]) == 0
+    assert {float(row["score"]) for row in csv.DictReader(open(out))} == {6.0}
+
+
+def test_score_default_reward_offline_says_what_to_pass(samples, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # no developer's cached CLIP
+    assert main(["score", str(samples)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: reward aesthetic:") and "\n" not in err
+    assert """--reward-args '{"clip": "ViT-L-14-quickgelu", "pretrained": "/path/to/open_clip_pytorch_model.bin"}'""" in err
+    assert """--reward-args '{"clip": "demo"}'""" in err
