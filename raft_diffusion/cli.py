@@ -53,6 +53,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def silence_known_warnings() -> None:
+    """Hide library warnings known to be harmless here, by exact message: peft reads transformers'
+    deprecated ``is_gradient_checkpointing`` when it wraps a model (on every LLM run)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return " ".join(text.split())
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    silence_known_warnings()
     if os.environ.get("RAFT_DEBUG"):
         return args.func(args)
     try:

@@ -5,6 +5,7 @@ reads back: the plumbing under :mod:`raft_diffusion.adapters.diffusion`."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -229,13 +230,35 @@ def check_lora_fits(pipe, state_dict: dict, where: str) -> bool:
     return has_text_encoder
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# diffusers warns for each model a LoRA file has no keys for ("No LoRA keys associated to CLIPTextModel
+# found ..."): for a UNet-only LoRA, on every load. check_lora_fits has already matched every key.
+_NO_KEYS_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+
+
 def load_lora(pipe, path: str) -> bool:
     """Load an exported LoRA folder into ``pipe`` as adapter ``default`` (checked first); returns
     whether it has text-encoder layers. Rank, alpha and targets come from the folder."""
     folder, weight_name, state_dict = read_lora(path, type(pipe))
     has_text_encoder = check_lora_fits(pipe, state_dict, f"LoRA {path!r}")
-    # From the folder, not the state dict: the file's metadata carries lora_alpha.
-    pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="default")
+    no_keys = _DropMessages("No LoRA keys associated to")
+    loggers = [logging.getLogger(name) for name in _NO_KEYS_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(no_keys)
+    try:
+        # From the folder, not the state dict: the file's metadata carries lora_alpha.
+        pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="default")
+    finally:
+        for logger in loggers:
+            logger.removeFilter(no_keys)
     return has_text_encoder
 
 
