@@ -94,12 +94,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from raft_diffusion.core import report
-    from raft_diffusion.core.run_dir import RunDir, RunDirError
+    from raft_diffusion.core.run_dir import RunDir, RunDirError, os_errors_name
 
     run_dir = RunDir(args.run_dir)
     if not run_dir.metrics.exists() and not run_dir.config.exists():
         raise RunDirError(f"{args.run_dir} is not a run folder (no metrics.jsonl or config.yaml)")
-    path = report.write_report(run_dir)
+    with os_errors_name(run_dir.root, "cannot write the report in"):
+        path = report.write_report(run_dir)
     print(path)
     return 0
 

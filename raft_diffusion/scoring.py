@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,12 +65,8 @@ def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]], di
     files, errors, seen, prompts = [], [], set(), {}
     for raw in paths:
         path = Path(raw)
-        samples = read_samples_index(path) if path.is_dir() else None
-        if samples:
-            found = list(samples)
-            prompts.update(samples)
-        elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if path.is_dir():
+            found = _folder_images(path, prompts)
             if not found:
                 errors.append((raw, "folder holds no png/jpg/jpeg/webp/bmp images"))
         elif path.is_file():
@@ -82,6 +79,21 @@ def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]], di
                 seen.add(p.resolve())
                 files.append(p)
     return files, errors, prompts
+
+
+def _folder_images(folder: Path, prompts: dict[Path, str]) -> list[Path]:
+    """Images under ``folder``; in a sample folder (at any depth) only its samples, whose prompts go to ``prompts``."""
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        dirs.sort()
+        samples = read_samples_index(Path(parent))
+        if samples:
+            dirs.clear()  # a sample folder holds its samples and grid.png, nothing else to score
+            prompts.update(samples)
+            found.extend(samples)
+        else:
+            found.extend(Path(parent) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+    return found
 
 
 def _read_image(path: Path) -> Image.Image:

@@ -192,3 +192,21 @@ def test_full_disk_mid_run_is_one_line_and_the_run_resumes(tiny_sd, tmp_path, ca
     assert run.completed_stages() == [1]  # the stage whose metrics line failed was checkpointed: nothing lost
     assert main(["train", *args, "--resume"]) == 0
     assert [r["stage"] for r in run.read_metrics()] == [1, 2] and run.is_finished()
+
+
+def test_report_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from raft_diffusion.core import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"stage": 1, "reward_mean": 1.0}\n')
+
+    def read_only(run_dir):
+        raise PermissionError(errno.EACCES, "Permission denied", str(run_dir.report))
+
+    monkeypatch.setattr(report, "write_report", read_only)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write the report in {run}: {run / 'report.html'}: Permission denied"

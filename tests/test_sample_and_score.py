@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -61,6 +62,12 @@ def test_score_on_a_sample_folder_scores_exactly_the_samples_with_their_prompts(
     assert main(["score", str(samples), "--reward", "tests.test_sample_and_score:prompt_length", "--prompt", "a bird",
                  "--out", str(out)]) == 0
     assert {float(row["score"]) for row in csv.DictReader(open(out))} == {6.0}
+    # A sample folder inside a folder being searched counts its samples only, too.
+    shutil.copytree(samples, tmp_path / "all" / "run1")
+    Image.new("RGB", (8, 8)).save(tmp_path / "all" / "extra.png")
+    assert main(["score", str(tmp_path / "all"), "--reward", "brightness", "--out", str(out)]) == 0
+    names = sorted(row["path"].rpartition("/")[2] for row in csv.DictReader(open(out)))
+    assert names == ["000_seed3.png", "001_seed4.png", "002_seed5.png", "003_seed6.png", "extra.png"]
 
 
 def test_score_default_reward_offline_says_what_to_pass(samples, tmp_path, capsys, monkeypatch):
