@@ -34,6 +34,11 @@ def samples(pndm_sd, tmp_path_factory):
     return out
 
 
+def read_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def prompt_length(images, prompts):
     """A reward that reads the prompts only: shows which prompt each image was scored with."""
     return [float(len(p)) for p in prompts]
@@ -57,16 +62,16 @@ def test_score_on_a_sample_folder_scores_exactly_the_samples_with_their_prompts(
     assert (samples / "grid.png").is_file()
     out = tmp_path / "scores.csv"
     assert main(["score", str(samples), "--reward", "tests.test_sample_and_score:prompt_length", "--out", str(out)]) == 0
-    rows = {row["path"].rpartition("/")[2]: float(row["score"]) for row in csv.DictReader(open(out))}
+    rows = {row["path"].rpartition("/")[2]: float(row["score"]) for row in read_rows(out)}
     assert rows == {"000_seed3.png": 5.0, "001_seed4.png": 5.0, "002_seed5.png": 5.0, "003_seed6.png": 5.0}
     assert main(["score", str(samples), "--reward", "tests.test_sample_and_score:prompt_length", "--prompt", "a bird",
                  "--out", str(out)]) == 0
-    assert {float(row["score"]) for row in csv.DictReader(open(out))} == {6.0}
+    assert {float(row["score"]) for row in read_rows(out)} == {6.0}
     # A sample folder inside a folder being searched counts its samples only, too.
     shutil.copytree(samples, tmp_path / "all" / "run1")
     Image.new("RGB", (8, 8)).save(tmp_path / "all" / "extra.png")
     assert main(["score", str(tmp_path / "all"), "--reward", "brightness", "--out", str(out)]) == 0
-    names = sorted(row["path"].rpartition("/")[2] for row in csv.DictReader(open(out)))
+    names = sorted(row["path"].rpartition("/")[2] for row in read_rows(out))
     assert names == ["000_seed3.png", "001_seed4.png", "002_seed5.png", "003_seed6.png", "extra.png"]
 
 

@@ -150,7 +150,7 @@ def _not_loaded(key: str, name: str, err: Exception) -> NoReturn:
         where = f"could not be loaded from the Hugging Face hub ({type(err).__name__})"
     raise ModelNotFoundError(
         f"{key}={name!r}: no such folder, and the hub id {where}; download it where there is network "
-        f"(`hf download {name} --local-dir DIR`) and pass {key}=DIR"
+        f"(`hf download {name} --local-dir /path/to/folder`) and pass {key}=/path/to/folder"
     ) from None
 
 

@@ -69,7 +69,7 @@ def load_pretrained(cls, name: str, key: str, **kwargs):
             "could not be loaded from the Hugging Face hub")
         raise ModelNotFoundError(
             f"{key}: {path!r} is not a local folder and {why}; download it where there is network "
-            f"(`hf download {path} --local-dir DIR`) and set {key}=DIR"
+            f"(`hf download {path} --local-dir /path/to/folder`) and set {key}=/path/to/folder"
         ) from None
 
 

@@ -325,7 +325,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                     node[index] = value
                     break
                 child = node[index]
-                if isinstance(child, str) and path[depth - 1] in _REWARD_LISTS:  # shorthand `- aesthetic`
+                if isinstance(child, str) and ".".join(path[:depth]) in _REWARD_LISTS:  # shorthand `- aesthetic`
                     child = node[index] = {"target": child} if ":" in child else {"name": child}
                 default = default[index] if isinstance(default, list) and index < len(default) else None
             elif last:
@@ -340,7 +340,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                         child = default  # a value: refused below
                     else:
                         child = node[part] = copy.deepcopy(default) if isinstance(default, list) else {}
-                if part in _REWARD_LISTS and isinstance(child, (dict, str)):  # one reward, not in a list
+                if where in _REWARD_LISTS and isinstance(child, (dict, str)):  # one reward, not in a list
                     child = node[part] = [child]
             if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {text!r}: {where} is a value, not a section or a list")
@@ -348,7 +348,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-_REWARD_LISTS = ("rewards", "metrics")
+_REWARD_LISTS = ("rewards", "eval.metrics")  # lists of reward specs, which may be written as one spec or a name
 
 
 def _list_index(items: list, part: str, where: str, list_key: str, text: str) -> int:
