@@ -24,12 +24,13 @@ class CLIPScore(ClipImageEmbedder):
 
     @classmethod
     def from_pretrained(
-        cls, clip: str = "ViT-L-14", pretrained: str | None = "openai", device=None, dtype=None, batch_size: int = 64
+        cls, clip: str = "ViT-L-14", pretrained: str | None = "openai", device=None, dtype=None, batch_size: int = 64,
+        local_files_only: bool | None = None,
     ) -> "CLIPScore":
-        """Load a CLIP by open_clip name, model-config ``.json`` path or ``"demo"`` (see ``load_clip``)."""
+        """Load a CLIP by open_clip name, model-config ``.json`` path or ``local-dir:`` folder (see ``load_clip``)."""
         import open_clip
 
-        model, preprocess, name = load_clip(clip, pretrained)
+        model, preprocess, name = load_clip(clip, pretrained, local_files_only)
         return cls(model, preprocess, open_clip.get_tokenizer(name), device=device, dtype=dtype, batch_size=batch_size)
 
     @torch.no_grad()

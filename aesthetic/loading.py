@@ -2,9 +2,9 @@
 
 Shared by :class:`aesthetic.AestheticPredictor` and :class:`aesthetic.CLIPScore`. A CLIP is named
 by an open_clip model name (``"ViT-L-14"``), a path to an open_clip model-config JSON file (the
-model name is the file stem), or ``"demo"`` (the project's packaged demo CLIP). Weights come from
-an open_clip pretrained tag (``"openai"``), which must already be in the local cache when there is
-no network, or from a local checkpoint file.
+model name is the file stem), or a model folder as open_clip names one (``"local-dir:/path"``,
+``"hf-hub:org/repo"``). Weights come from an open_clip pretrained tag (``"openai"``), which must
+already be in the local cache when there is no network, or from a local checkpoint file.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-DEMO_CLIP = "demo"
-DEMO_CLIP_NAME = "demo-clip"  # the open_clip model name of the packaged demo CLIP
-DEMO_CLIP_CONFIG = "model_config.json"
-DEMO_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -34,7 +30,17 @@ _DTYPES = {
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """CLIP weights are neither in the local cache nor a local file (and cannot be downloaded)."""
+    """CLIP weights are neither in the local cache nor a local file (and cannot be downloaded).
+
+    ``problem`` says what is missing; ``fix`` holds the arguments that would load local files
+    instead (e.g. ``{"pretrained": "/path/to/open_clip_pytorch_model.bin"}``), for a command line
+    to write in its own syntax.
+    """
+
+    def __init__(self, problem: str, fix: dict[str, str] | None = None):
+        self.problem, self.fix = problem, dict(fix or {})
+        advice = ", ".join(f"{k}={v!r}" for k, v in self.fix.items())
+        super().__init__(f"{problem}; pass local files instead: {advice}" if advice else problem)
 
 
 class ClipConfigError(ValueError):
@@ -82,11 +88,6 @@ def register_model_config(path: str | Path, name: str | None = None) -> str:
 def resolve_clip(clip: str, pretrained: str | None) -> tuple[str, str | None]:
     """Map ``clip``/``pretrained`` to an open_clip model name and a tag or checkpoint path."""
     clip = str(clip)
-    if clip == DEMO_CLIP:
-        from raft_diffusion.assets import resolve  # demo assets live in the training package
-
-        folder = Path(resolve("demo:clip"))
-        return register_model_config(folder / DEMO_CLIP_CONFIG, DEMO_CLIP_NAME), str(folder / DEMO_CLIP_WEIGHTS)
     if clip.endswith(".json"):
         if not os.path.isfile(clip):
             raise ClipConfigError(f"CLIP model config {clip} not found")
@@ -94,48 +95,47 @@ def resolve_clip(clip: str, pretrained: str | None) -> tuple[str, str | None]:
     return clip, pretrained
 
 
-def load_clip(clip: str = "ViT-L-14", pretrained: str | None = "openai") -> tuple[nn.Module, Any, str]:
+def load_clip(clip: str = "ViT-L-14", pretrained: str | None = "openai",
+              local_files_only: bool | None = None) -> tuple[nn.Module, Any, str]:
     """Build an open_clip model and its validation transform, on the CPU in fp32.
 
     Returns ``(model, preprocess, model_name)``. ``pretrained`` is an open_clip tag, a local
     checkpoint (``.bin``, ``.pt``, ``.safetensors``) or ``None`` for random weights; with
-    ``clip="demo"`` the packaged demo weights are used and ``pretrained`` is ignored.
+    a ``local-dir:``/``hf-hub:`` folder its own weights are used and ``pretrained`` is ignored.
+    ``local_files_only``: read tagged weights from the local cache only, never the hub (default:
+    ``HF_HUB_OFFLINE``); a caller that knows the hub cannot be reached passes True.
     OpenAI weights from a local file need the ``-quickgelu`` model (``ViT-L-14-quickgelu``): a file
     does not say which activation it was trained with.
     """
     import open_clip  # imported on use: slow to import, and the CLIP-free image rewards use this module too
 
+    if local_files_only is None:
+        from huggingface_hub import constants
+
+        local_files_only = constants.HF_HUB_OFFLINE
     name, pretrained = resolve_clip(clip, pretrained)
-    if name.startswith(("hf-hub:", "local-dir:")):
+    if name.startswith("hf-hub:"):
+        name = _hub_model_dir(name, local_files_only)
+    if name.startswith("local-dir:"):
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name)
-        except RuntimeError as err:
-            raise WeightsNotFoundError(
-                f"cannot load CLIP {name!r} ({err}); pass a local folder: clip='local-dir:/path'"
-            ) from None
+        except (OSError, RuntimeError, ValueError) as err:
+            raise WeightsNotFoundError(f"cannot load CLIP {name!r} ({err})", {"clip": "local-dir:/path/to/folder"}) from None
         return model.eval(), preprocess, name
     if open_clip.get_model_config(name) is None:
         raise ClipConfigError(
-            f"unknown CLIP model {clip!r}: not an open_clip model name, a model-config .json file or 'demo'"
+            f"unknown CLIP model {clip!r}: not an open_clip model name, a model-config .json file or a local-dir: folder"
         )
-    quick_gelu = False
+    quick_gelu, preprocess = False, {}
     if pretrained:
         pretrained = str(pretrained)
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if tag_cfg:
-            # A tag knows how its weights were trained (OpenAI CLIPs use QuickGELU); a bare file does not.
+            # A tag knows how its weights were trained (OpenAI CLIPs use QuickGELU) and preprocessed;
+            # a bare file does not, so the tag's settings go along with the file it resolves to.
             quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-            try:  # fetch now (or find in the cache), so that a missing file is one clear error
-                open_clip.download_pretrained(tag_cfg)
-            except Exception as err:
-                model_hint = ""
-                if quick_gelu and f"{name}-quickgelu" in open_clip.list_models():
-                    model_hint = f"clip='{name}-quickgelu', "
-                raise WeightsNotFoundError(
-                    f"CLIP weights {name}/{pretrained} are not in the local cache and cannot be downloaded "
-                    f"({type(err).__name__}); pass a local checkpoint instead, e.g. "
-                    f"{model_hint}pretrained=/path/to/open_clip_pytorch_model.bin"
-                ) from None
+            preprocess = {f"image_{k}": tag_cfg[k] for k in _TAG_PREPROCESS_KEYS if tag_cfg.get(k) is not None}
+            pretrained = _tag_weights(name, pretrained, tag_cfg, local_files_only)
         elif not os.path.isfile(pretrained):
             tags = open_clip.list_pretrained_tags_by_model(name)
             known = f"known tags: {', '.join(tags)}" if tags else "no known tags"
@@ -143,13 +143,68 @@ def load_clip(clip: str = "ViT-L-14", pretrained: str | None = "openai") -> tupl
                 f"CLIP weights {pretrained!r} for {name}: no such file and not an open_clip tag ({known})"
             )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, force_quick_gelu=quick_gelu
+        model, _, transform = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, force_quick_gelu=quick_gelu, **preprocess
         )
     except RuntimeError as err:  # a checkpoint that does not fit the architecture
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ClipConfigError(f"CLIP weights {pretrained} do not fit model {name}: {first_line}") from None
-    return model.eval(), preprocess, name
+    return model.eval(), transform, name
+
+
+# The preprocessing a tag's config may set, as create_model_and_transforms takes it (image_<key>).
+_TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def _tag_weights(name: str, tag: str, tag_cfg: dict, local_files_only: bool) -> str:
+    """The local file of an open_clip tag's weights: from the Hugging Face cache, else downloaded.
+
+    Found in the cache, the file is used without asking the hub; missing, it is downloaded unless
+    ``local_files_only`` (the caller knows the hub cannot be reached), so that without network the
+    error comes at once instead of after retries.
+    """
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_file = tag_cfg.get("hf_hub", "")
+    if hub_file and open_clip.pretrained.has_hf_hub():
+        # open_clip's convention: "org/repo/" (its default file name) or "org/repo/file"; it prefers
+        # a .safetensors twin of a pickle file.
+        repo_id, filename = os.path.split(hub_file)
+        filename = filename or open_clip.constants.HF_WEIGHTS_NAME
+        candidates = [filename]
+        if filename == open_clip.constants.HF_WEIGHTS_NAME:
+            candidates.insert(0, open_clip.constants.HF_SAFE_WEIGHTS_NAME)
+        elif filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        for candidate in candidates:
+            cached = try_to_load_from_cache(repo_id, candidate)
+            if isinstance(cached, str):
+                return cached
+    fix = {"pretrained": "/path/to/open_clip_pytorch_model.bin"}
+    if tag_cfg.get("quick_gelu") and f"{name}-quickgelu" in open_clip.list_models():
+        fix = {"clip": f"{name}-quickgelu", **fix}  # a bare file does not say it needs QuickGELU
+    if hub_file and local_files_only:
+        raise WeightsNotFoundError(f"CLIP weights {name}/{tag} are not in the local cache", fix)
+    try:
+        return open_clip.download_pretrained(tag_cfg)
+    except Exception as err:  # any download failure means the same to the user: the file is not here
+        raise WeightsNotFoundError(f"CLIP weights {name}/{tag} cannot be downloaded ({type(err).__name__})", fix) from None
+
+
+def _hub_model_dir(name: str, local_files_only: bool) -> str:
+    """``hf-hub:org/repo`` as ``local-dir:`` of its cached snapshot with ``local_files_only`` (no retries)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not local_files_only:
+        return name
+    repo_id = name.removeprefix("hf-hub:")
+    config = try_to_load_from_cache(repo_id, "open_clip_config.json")
+    if not isinstance(config, str):
+        raise WeightsNotFoundError(
+            f"CLIP {name!r} is not in the local cache", {"clip": "local-dir:/path/to/folder"}
+        )
+    return f"local-dir:{os.path.dirname(config)}"
 
 
 def _to_pil(image: Any) -> Image.Image:

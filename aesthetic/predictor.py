@@ -16,7 +16,6 @@ import torch.nn as nn
 from aesthetic.loading import ClipImageEmbedder, load_clip
 
 DEFAULT_HEAD = Path(__file__).resolve().parent / "weights" / "sac+logos+ava1-l14-linearMSE.pth"
-DEMO_HEAD = "demo:aesthetic_head.pth"
 HEAD_LINEARS = (0, 2, 4, 6, 7)  # positions of the Linear layers in AestheticHead.layers
 
 
@@ -134,21 +133,17 @@ class AestheticPredictor(ClipImageEmbedder):
         device=None,
         dtype=None,
         batch_size: int = 64,
+        local_files_only: bool | None = None,
     ) -> "AestheticPredictor":
-        """Load the CLIP (open_clip name, model-config ``.json`` or ``"demo"``) and the head.
+        """Load the CLIP (an open_clip name, model-config ``.json`` or ``local-dir:`` folder) and the head.
 
-        ``head=None`` means the LAION head shipped with this package (or the demo head for
-        ``clip="demo"``). Without network, tagged weights must be in the local cache; otherwise
+        ``head=None`` means the LAION head shipped with this package. Without network, tagged weights
+        must be in the local cache (``local_files_only``: see :func:`aesthetic.load_clip`); otherwise
         pass a checkpoint: ``pretrained="/path/to/open_clip_pytorch_model.bin"``.
         """
         if head is None:
-            if str(clip) == "demo":
-                from raft_diffusion.assets import resolve
-
-                head = resolve(DEMO_HEAD)
-            else:
-                head = DEFAULT_HEAD
-        model, preprocess, _ = load_clip(clip, pretrained)
+            head = DEFAULT_HEAD
+        model, preprocess, _ = load_clip(clip, pretrained, local_files_only)
         return cls(model, preprocess, head, device=device, dtype=dtype, batch_size=batch_size)
 
     @torch.no_grad()

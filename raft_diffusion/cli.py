@@ -38,18 +38,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("raft_diffusion.adapters.diffusion", "ModelNotFoundError"),
         ("raft_diffusion.adapters.diffusion", "LoraError"),
-        ("raft_diffusion.adapters.llm", "ModelNotFoundError"),
+        ("raft_diffusion.hub", "ModelNotFoundError"),
         ("raft_diffusion.adapters.training", "CheckpointMismatchError"),
         ("aesthetic.loading", "WeightsNotFoundError"),
         ("aesthetic.loading", "ClipConfigError"),
         ("aesthetic.predictor", "HeadError"),
         ("raft_diffusion.scoring", "ScoreError"),
+        ("raft_diffusion.sampling", "SampleError"),
+        ("raft_diffusion.adapters.diffusion_utils", "UnsupportedModelError"),
     ):
         # Only modules already imported can have raised; importing the others would cost seconds.
         mod = sys.modules.get(module)
         if mod is not None and isinstance(getattr(mod, name, None), type):
             errors.append(getattr(mod, name))
     return tuple(errors)
+
+
+def silence_known_warnings() -> None:
+    """Hide library warnings known to be harmless here, by exact message: peft reads transformers'
+    deprecated ``is_gradient_checkpointing`` when it wraps a model (on every LLM run)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _one_line(err: BaseException) -> str:
@@ -85,12 +95,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from raft_diffusion import report
-    from raft_diffusion.core.run_dir import RunDir, RunDirError
+    from raft_diffusion.core.run_dir import RunDir, RunDirError, os_errors_name
 
     run_dir = RunDir(args.run_dir)
     if not run_dir.metrics.exists() and not run_dir.config.exists():
         raise RunDirError(f"{args.run_dir} is not a run folder (no metrics.jsonl or config.yaml)")
-    path = report.write_report(run_dir)
+    with os_errors_name(run_dir.root, "cannot write the report in"):
+        path = report.write_report(run_dir)
     print(path)
     return 0
 
@@ -140,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    silence_known_warnings()
     if os.environ.get("RAFT_DEBUG"):
         return args.func(args)
     try:

@@ -1,12 +1,15 @@
-"""``raft-diffusion sample``: images from a Stable Diffusion pipeline (plus an optional LoRA) with the
-very sampler the RAFT loop uses, so that a run's samples can be reproduced from their seeds.
+"""``raft-diffusion sample``: images from a Stable Diffusion pipeline (plus an optional LoRA) through
+the sampler the RAFT loop uses.
 
     raft-diffusion sample --model demo:sd --lora runs/demo/final --prompt "a red circle" --n 8 --out samples/
 
-Image ``j`` of prompt ``i`` is drawn from seed ``--seed + i * n + j``; files are named
-``{index:03d}_seed{seed}.png``, ``samples.jsonl`` lists file, prompt and seed, and ``grid.png``
-shows one row per prompt. Bad input (a missing model or LoRA folder, a LoRA made for another
-model) raises a one-line ValueError / FileNotFoundError.
+Without flags the settings are the stock pipeline's: the model folder's own scheduler, 50 steps,
+guidance 7.5, the model's image size, float32; image ``j`` of prompt ``i`` is drawn from seed
+``--seed + i * n + j`` and is the image ``pipe(prompt, generator=torch.Generator().manual_seed(seed))``
+draws. ``--config runs/NAME/config.yaml`` takes the run's settings instead, to reproduce its samples.
+Files are named ``{index:03d}_seed{seed}.png``, ``samples.jsonl`` lists file, prompt and seed, and
+``grid.png`` shows one row per prompt. Bad input (a missing model or LoRA folder, a LoRA made for
+another model) raises a one-line error (:class:`SampleError` for the command's own arguments).
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ from pathlib import Path
 
 from raft_diffusion.core.config import from_dict, load_yaml
 
+class SampleError(ValueError):
+    """Bad arguments to the sample command, or an output folder that cannot be written."""
+
+
+# What StableDiffusionPipeline.__call__ and from_pretrained do by default, where the run config's defaults differ.
+STOCK_MODEL = {"scheduler": "pretrained", "dtype": "float32"}
+STOCK_SAMPLING = {"steps": 50}
+
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="pipeline folder, hub id or demo:NAME (default: the config's, else demo:sd)")
@@ -26,22 +37,23 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     parser.add_argument("--config", help="take model and sampling settings from a run config (flags override)")
-    parser.add_argument("--steps", type=int, help="denoising steps")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1: off)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 50)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5; 1: off)")
     parser.add_argument("--eta", type=float, help="DDIM eta")
     parser.add_argument("--height", type=int, help="pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's)")
     parser.add_argument("--negative-prompt", help="negative prompt for guidance")
-    parser.add_argument("--scheduler", help="ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc, or a diffusers class name")
+    parser.add_argument("--scheduler", help="ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc, or a diffusers class name "
+                        "(default: the model folder's own)")
     parser.add_argument("--batch-size", type=int, help="images per UNet call")
-    parser.add_argument("--dtype", help="auto | float32 | float16 | bfloat16")
+    parser.add_argument("--dtype", help="auto | float32 | float16 | bfloat16 (default float32, as the stock pipeline)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--out", required=True, help="output folder")
     return parser
 
 
 def _config(args):
-    data = load_yaml(args.config) if args.config else {}
+    data = load_yaml(args.config) if args.config else {"model": dict(STOCK_MODEL), "sampling": dict(STOCK_SAMPLING)}
     model, sampling = data.setdefault("model", {}), data.setdefault("sampling", {})
     data["selection"] = {}  # sampling needs no trajectories
     model_flags = dict(pretrained=args.model, init_lora=args.lora, scheduler=args.scheduler, dtype=args.dtype, device=args.device)
@@ -71,8 +83,13 @@ def run(args) -> int:
     from raft_diffusion.adapters.diffusion import DiffusionAdapter
 
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise SampleError(f"--n must be >= 1, got {args.n}")
     config = _config(args)
+    out = Path(args.out)
+    try:  # before the model loads: a folder that cannot be written must not cost a round of sampling
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SampleError(f"--out {out}: cannot create the folder ({err.strerror or type(err).__name__})") from None
     # The run's precision settings, so that samples match the ones the loop drew.
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
@@ -83,14 +100,15 @@ def run(args) -> int:
     seeds = [args.seed + i for i in range(len(args.prompt) * args.n)]
     candidates = adapter.generate(args.prompt, args.n, seeds)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as index:
-        for i, c in enumerate(candidates):
-            name = f"{i:03d}_seed{c.seed}.png"
-            c.output.save(out / name)
-            index.write(json.dumps({"file": name, "prompt": c.prompt, "seed": c.seed}) + "\n")
-    image_grid([c.output for c in candidates], rows=len(args.prompt)).save(out / "grid.png")
+    try:
+        with open(out / "samples.jsonl", "w", encoding="utf-8") as index:
+            for i, c in enumerate(candidates):
+                name = f"{i:03d}_seed{c.seed}.png"
+                c.output.save(out / name)
+                index.write(json.dumps({"file": name, "prompt": c.prompt, "seed": c.seed}) + "\n")
+        image_grid([c.output for c in candidates], rows=len(args.prompt)).save(out / "grid.png")
+    except OSError as err:
+        raise SampleError(f"--out {out}: cannot write {err.filename or 'the images'} ({err.strerror or err})") from None
     print(f"wrote {len(candidates)} images and grid.png to {out}")
     return 0
 

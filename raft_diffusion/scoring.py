@@ -2,8 +2,11 @@
 
     raft-diffusion score outputs/ extra.png --reward aesthetic --reward-args '{"clip": "demo"}' --out scores.csv
 
-Folders are searched recursively for png/jpg/jpeg/webp/bmp files. Files that cannot be read are
-reported on stderr and skipped. Exit status: 0 when at least one image was scored, 2 otherwise.
+Folders are searched recursively for png/jpg/jpeg/webp/bmp files, except a folder written by
+``raft-diffusion sample``: its ``samples.jsonl`` lists the samples (not its ``grid.png``) and their
+prompts, which prompt-aware rewards such as ``clip_score`` get unless ``--prompt`` is given. Files
+that cannot be read are reported on stderr and skipped. Exit status: 0 when at least one image was
+scored, 2 otherwise.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
 from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+SAMPLES_INDEX = "samples.jsonl"  # what `raft-diffusion sample` writes beside its images and grid.png
 OUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 CHUNK = 64  # images held in memory at once
 
@@ -31,19 +36,37 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--reward", default="aesthetic", help="reward name or module:function (default: aesthetic)")
     parser.add_argument("--reward-args", default="{}", help="reward arguments as a JSON object, e.g. '{\"clip\": \"demo\"}'")
-    parser.add_argument("--prompt", default="", help="prompt paired with every image (for rewards such as clip_score)")
+    parser.add_argument("--prompt", help="prompt paired with every image, for rewards such as clip_score "
+                        "(default: a sample folder's own prompts, else empty)")
     parser.add_argument("--out", help="write scores to a .csv or .jsonl file (default: a table on stdout)")
     parser.add_argument("--device", help="device for model-based rewards (default: cuda if available)")
     return parser
 
 
-def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Image files named by ``paths`` (folders searched recursively), and ``(path, reason)`` for bad paths."""
-    files, errors, seen = [], [], set()
+def read_samples_index(folder: Path) -> dict[Path, str] | None:
+    """The samples of a ``raft-diffusion sample`` folder with their prompts, or None for any other folder."""
+    index = folder / SAMPLES_INDEX
+    if not index.is_file():
+        return None
+    samples = {}
+    for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("file"), str):
+            samples[folder / record["file"]] = str(record.get("prompt", ""))
+    return samples
+
+
+def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]], dict[Path, str]]:
+    """Image files named by ``paths`` (folders searched recursively, a sample folder's samples only),
+    ``(path, reason)`` for bad paths, and the prompt of each file a sample folder lists."""
+    files, errors, seen, prompts = [], [], set(), {}
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = _folder_images(path, prompts)
             if not found:
                 errors.append((raw, "folder holds no png/jpg/jpeg/webp/bmp images"))
         elif path.is_file():
@@ -55,7 +78,22 @@ def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
             if p.resolve() not in seen:
                 seen.add(p.resolve())
                 files.append(p)
-    return files, errors
+    return files, errors, prompts
+
+
+def _folder_images(folder: Path, prompts: dict[Path, str]) -> list[Path]:
+    """Images under ``folder``; in a sample folder (at any depth) only its samples, whose prompts go to ``prompts``."""
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        dirs.sort()
+        samples = read_samples_index(Path(parent))
+        if samples:
+            dirs.clear()  # a sample folder holds its samples and grid.png, nothing else to score
+            prompts.update(samples)
+            found.extend(samples)
+        else:
+            found.extend(Path(parent) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+    return found
 
 
 def _read_image(path: Path) -> Image.Image:
@@ -75,6 +113,26 @@ def _parse_reward_args(text: str) -> dict:
 
 def _spec(reward: str, args: dict) -> dict:
     return {"target": reward, "args": args} if ":" in reward else {"name": reward, "args": args}
+
+
+def load_models(reward, reward_args: dict) -> None:
+    """Load each reward model now, before any image is read; weights that are not on this machine
+    end the command in one line that says which ``--reward-args`` load local files instead."""
+    for label, _, part in reward.parts:
+        if not callable(getattr(part, "load", None)):
+            continue
+        try:
+            part.load()
+        except FileNotFoundError as err:
+            fix = getattr(err, "fix", None)  # aesthetic.WeightsNotFoundError: the arguments that load local files
+            if fix is None:
+                raise
+            local = json.dumps({**reward_args, **fix})
+            demo = json.dumps({**{k: v for k, v in reward_args.items() if k != "pretrained"}, "clip": "demo"})
+            raise ScoreError(
+                f"reward {label}: {err.problem}; pass local files: --reward-args '{local}' "
+                f"(images of the packaged demo model: --reward-args '{demo}')"
+            ) from None
 
 
 def _write(rows: list[tuple[str, float]], out: str | None) -> None:
@@ -101,13 +159,14 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and Path(args.out).suffix.lower() not in OUT_FORMATS:
         raise ScoreError(f"--out must end in .csv or .jsonl, got {args.out!r}")
     reward_args = _parse_reward_args(args.reward_args)
-    files, errors = find_images(args.images)
+    files, errors, prompts = find_images(args.images)
     for path, reason in errors:
         print(f"error: {path}: {reason}", file=sys.stderr)
     if not files:
         print("error: no images to score", file=sys.stderr)
         return 2
     reward = build_reward([_spec(args.reward, reward_args)], args.device)
+    load_models(reward, reward_args)
 
     rows: list[tuple[str, float]] = []
     n_bad = len(errors)
@@ -121,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
                 n_bad += 1
                 print(f"error: {path}: cannot read image ({type(err).__name__}: {err})", file=sys.stderr)
         if images:
-            scores = reward(images, [args.prompt] * len(images))
+            texts = [args.prompt if args.prompt is not None else prompts.get(p, "") for p in paths]
+            scores = reward(images, texts)
             rows.extend((str(p), float(s)) for p, s in zip(paths, scores))
 
     if not rows:

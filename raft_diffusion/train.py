@@ -12,8 +12,8 @@ from raft_diffusion.core.config import Config, save_config
 from raft_diffusion.core.guard import check_guard
 from raft_diffusion.core.loop import RaftLoop
 from raft_diffusion.core.prompts import load_prompts
-from raft_diffusion.core.run_dir import RunDir
-from raft_diffusion.rewards import build_reward
+from raft_diffusion.core.run_dir import RunDir, os_errors_name
+from raft_diffusion.rewards import RewardError, WeightedReward, build_reward
 
 
 def resolve_device(name: str) -> str:
@@ -50,10 +50,29 @@ def quiet_model_libraries() -> None:
             pass
 
 
+def load_reward_models(reward: WeightedReward, key: str) -> None:
+    """Load the model of each part of ``reward`` that has one (``part.load()``), now.
+
+    Weights that are not on this machine end the run in one line that says which overrides point
+    the part at local files: ``rewards.0.args.pretrained=/path/...`` for ``key="rewards"``.
+    """
+    for i, (label, _, part) in enumerate(reward.parts):
+        if not callable(getattr(part, "load", None)):
+            continue
+        try:
+            part.load()
+        except FileNotFoundError as err:
+            fix = getattr(err, "fix", None)  # aesthetic.WeightsNotFoundError: the arguments that load local files
+            if fix is None:
+                raise
+            overrides = " ".join(f"{key}.{i}.args.{name}={value}" for name, value in fix.items())
+            raise RewardError(f"{key}.{i} ({label}): {err.problem}; pass local files: {overrides}") from None
+
+
 def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunDir:
     """Run (or resume) the RAFT run that ``config`` describes; returns its run folder."""
     progress.set_quiet(quiet)
-    # 1. Check everything that needs no model: prompts, rewards, guard, the run folder.
+    # 1. Check everything that needs no model (prompts, rewards, guard, the run folder), then load the reward models.
     _, eval_prompts = load_prompts(config.prompts)
     accelerator = make_accelerator(config)  # first: it sets up the process group under accelerate launch
     from accelerate.utils import set_seed
@@ -66,14 +85,21 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
         import torch
 
         torch.set_num_threads(config.run.cpu_threads)
-    reward = build_reward(config.rewards, device=device)  # reward models load lazily, on first use
+    reward = build_reward(config.rewards, device=device)
     eval_metrics = build_reward(config.eval.metrics, device=device) if config.eval.metrics else None
     check_guard(config, eval_metrics, bool(eval_prompts))
     run_dir = RunDir(Path(config.run.output_dir) / config.run.name)
+    if dist.is_main():
+        run_dir.check(resume=resume, overwrite=overwrite)
+    # Reward and metric models load before the diffusion model and the first sample: missing weights end the run now.
+    load_reward_models(reward, "rewards")
+    if eval_metrics:
+        load_reward_models(eval_metrics, "eval.metrics")
     start_after = run_dir.prepare(resume=resume, overwrite=overwrite) if dist.is_main() else 0
     start_after = dist.broadcast_object(start_after)
     if dist.is_main():
-        save_config(config, run_dir.config)
+        with os_errors_name(run_dir.root, "cannot write run folder"):
+            save_config(config, run_dir.config)
 
     # 2. Build the model.
     quiet_model_libraries()
@@ -99,13 +125,15 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
         on_eval=images.eval_grid if images else None,
         on_record=metrics_logger.log if metrics_logger else None,
     )
-    try:
-        loop.run(start_after=start_after)
-    finally:
-        if metrics_logger:
-            metrics_logger.close()
-    if dist.is_main() and config.log.report:
-        report.write_report(run_dir)
+    # A full disk or a vanished run folder ends the run in one line; finished stages stay resumable.
+    with os_errors_name(run_dir.root, "cannot write run folder", "finished stages are kept: fix it and pass --resume"):
+        try:
+            loop.run(start_after=start_after)
+        finally:
+            if metrics_logger:
+                metrics_logger.close()
+        if dist.is_main() and config.log.report:
+            report.write_report(run_dir)
     if dist.is_main() and not quiet:
         print(report.summary_table(run_dir.read_metrics(), report.read_outcome(run_dir)))
     return run_dir

@@ -169,29 +169,64 @@ def test_from_pretrained_with_config_file_and_local_checkpoint(clip_configs, tmp
 
 
 def test_demo_layout(demo_dir):
-    predictor = AestheticPredictor.from_pretrained(clip="demo", device="cpu")
+    from raft_diffusion.rewards import build_reward
+
+    reward = build_reward([{"name": "aesthetic", "args": {"clip": "demo"}}], device="cpu")
+    _, _, part = reward.parts[0]
+    assert part.kwargs["clip"] == f"local-dir:{demo_dir / 'clip'}"  # the packaged folder, as open_clip reads one
+    assert part.head == str(demo_dir / "aesthetic_head.pth")
     model, preprocess = make_clip("tiny-clip", seed=3)  # the weights the demo folder holds
     images = sample_images(3)
     expected = AestheticPredictor(model, preprocess, demo_dir / "aesthetic_head.pth", device="cpu").score(images)
-    torch.testing.assert_close(predictor.score(images), expected, rtol=0, atol=0)
-    assert "demo-clip" in open_clip.list_models()
+    torch.testing.assert_close(reward(images, [""] * 3), expected, rtol=0, atol=0)
 
 
-def test_missing_weights_offline_is_one_clear_error(monkeypatch, clip_configs):
-    def offline(*args, **kwargs):  # what open_clip raises when the hub cannot be reached
-        raise RuntimeError("Failed to download file (open_clip_pytorch_model.bin): cannot find the requested files")
+def empty_hub_cache(monkeypatch, tmp_path):
+    """Point the Hugging Face cache at an empty folder, so that no weights a developer has cached are found."""
+    from huggingface_hub import constants
 
-    monkeypatch.setattr(open_clip, "download_pretrained", offline)
-    hint = r"clip='ViT-L-14-quickgelu', pretrained=/path/to/open_clip_pytorch_model\.bin"
-    with pytest.raises(WeightsNotFoundError, match=hint) as err:
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_missing_weights_offline_is_one_clear_error(monkeypatch, clip_configs, tmp_path):
+    empty_hub_cache(monkeypatch, tmp_path)
+    with pytest.raises(WeightsNotFoundError, match="ViT-L-14/openai are not in the local cache") as err:
         AestheticPredictor.from_pretrained(clip="ViT-L-14", pretrained="openai", device="cpu")
     assert isinstance(err.value, FileNotFoundError) and "\n" not in str(err.value)
+    # What would load local files instead (OpenAI weights from a bare file need the QuickGELU model), for a
+    # command line to write in its own syntax.
+    assert err.value.fix == {"clip": "ViT-L-14-quickgelu", "pretrained": "/path/to/open_clip_pytorch_model.bin"}
     with pytest.raises(WeightsNotFoundError, match="not an open_clip tag"):
         load_clip(clip_configs["tiny-clip"], "/no/such/weights.bin")
     with pytest.raises(ClipConfigError, match="unknown CLIP model"):
         load_clip("ViT-Nope-1", None)
     with pytest.raises(ClipConfigError, match="not found"):
         load_clip("/no/such/config.json", None)
+
+
+def test_tag_weights_load_from_the_hub_cache_with_the_tags_settings(monkeypatch, clip_configs, tmp_path):
+    """A tag's weights found in the Hugging Face cache load without the hub, with the tag's activation and
+    normalisation, exactly as open_clip loads the tag."""
+    cache = empty_hub_cache(monkeypatch, tmp_path)
+    snapshot = cache / "models--test-org--tiny-clip" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (cache / "models--test-org--tiny-clip" / "refs").mkdir()
+    (cache / "models--test-org--tiny-clip" / "refs" / "main").write_text("abc123")
+    model, _ = make_clip("tiny-clip", seed=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, snapshot / "open_clip_model.safetensors")
+    tag = {"hf_hub": "test-org/tiny-clip/", "quick_gelu": True, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    lookup = lambda name, pretrained: tag if pretrained == "mytag" else {}  # noqa: E731
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lookup)
+    monkeypatch.setattr(open_clip.factory, "get_pretrained_cfg", lookup)
+
+    loaded, preprocess, _ = load_clip(clip_configs["tiny-clip"], "mytag")
+    assert {type(x).__name__ for x in loaded.modules() if "GELU" in type(x).__name__} == {"QuickGELU"}
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    normalize = preprocess.transforms[-1]
+    assert tuple(normalize.mean) == (0.5, 0.5, 0.5) and tuple(normalize.std) == (0.25, 0.25, 0.25)
 
 
 def test_pretrained_tag_sets_its_activation(monkeypatch, clip_configs, tmp_path):

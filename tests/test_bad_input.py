@@ -85,6 +85,8 @@ CASES = [
     ("reward-all-nan", ["rewards=[{target: 'tests.plugins:all_nan'}]"], "no finite score"),
     ("reward-raises", ["rewards=[{target: 'tests.plugins:raises'}]"], "scoring service is down"),
     ("unwritable-output", lambda t: [f"run.output_dir={_write(t / 'a_file', b'x')}/runs"], "not a folder"),
+    ("uncreatable-output", lambda t: ["run.output_dir=/proc/raft-runs"] if Path("/proc/self").is_dir()
+     else pytest.skip("needs Linux /proc"), "cannot create run folder /proc/raft-runs/bad: /proc/raft-runs"),
 ]
 
 
@@ -144,3 +146,67 @@ def test_console_command_in_a_fresh_process(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "nonsense" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (["rewards=[{name: aesthetic, args: {clip: ViT-L-14, pretrained: openai}}]"], "rewards.0"),
+        (["eval.every=1", "prompts.eval_items=[a blue square]", "eval.metrics=[{name: clip_score}]"], "eval.metrics.0"),
+    ],
+    ids=["reward", "eval-metric"],
+)
+def test_reward_weights_not_on_disk_fail_before_the_model_loads(extra, key, tiny_sd, tmp_path, capsys, monkeypatch):
+    """A reward or eval metric whose weights are missing ends the run before the pipeline loads (let alone
+    samples), naming the overrides that point it at local files."""
+    from huggingface_hub import constants
+
+    import raft_diffusion.adapters as adapters
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # no developer's cached CLIP
+    monkeypatch.setattr(adapters, "build_adapter", lambda *a, **k: pytest.fail("the model loaded before the reward"))
+    out = tmp_path / "out"
+    assert main(["train", *small_run(tiny_sd, out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {key} (") and "\n" not in err and "ViT-L-14/openai" in err
+    assert f"{key}.args.clip=ViT-L-14-quickgelu {key}.args.pretrained=/path/to/open_clip_pytorch_model.bin" in err
+    assert not (out / "bad").exists()
+
+
+def test_full_disk_mid_run_is_one_line_and_the_run_resumes(tiny_sd, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from raft_diffusion.core.run_dir import RunDir
+
+    def disk_full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    args = [*small_run(tiny_sd, tmp_path / "out"), "run.stages=2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "append_metrics", disk_full)
+        assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write run folder") and "No space left on device" in err and "\n" not in err
+    assert "--resume" in err
+    run = RunDir(tmp_path / "out" / "bad")
+    assert run.completed_stages() == [1]  # the stage whose metrics line failed was checkpointed: nothing lost
+    assert main(["train", *args, "--resume"]) == 0
+    assert [r["stage"] for r in run.read_metrics()] == [1, 2] and run.is_finished()
+
+
+def test_report_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from raft_diffusion import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"stage": 1, "reward_mean": 1.0}\n')
+
+    def read_only(run_dir):
+        raise PermissionError(errno.EACCES, "Permission denied", str(run_dir.report))
+
+    monkeypatch.setattr(report, "write_report", read_only)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write the report in {run}: {run / 'report.html'}: Permission denied"

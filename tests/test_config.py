@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from raft_diffusion.core.config import ConfigError, from_dict, load_config, save_config
@@ -100,3 +102,45 @@ def test_selection_strategies():
     assert select(scores, "local_then_global", 0.67) == [4, 1]
     all_nan = torch.full((2, 2), float("nan"))
     assert select(all_nan, "local", 0.5) == [] and select(all_nan, "global", 1.0) == []
+
+
+def test_overrides_reach_list_entries_by_index():
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", ["rewards.0.args.pretrained=/weights/clip.bin", "eval.metrics.1.weight=2",
+                                               "model.lora.targets=[to_q, to_v]", "model.lora.targets.1=to_k"])
+    assert config.rewards[0]["args"] == {"clip": "demo", "pretrained": "/weights/clip.bin"}
+    assert [m["weight"] for m in config.eval.metrics] == [1.0, 2.0]
+    assert config.model.lora.targets == ["to_q", "to_k"]
+    # A list the YAML does not set starts from its default; a shorthand entry becomes a mapping.
+    assert load_config(None, ["prompts.items=[a]", "rewards.0.args.clip=demo"]).rewards[0]["args"] == {"clip": "demo"}
+    shorthand = load_config(None, ["prompts.items=[a]", "rewards=[brightness]", "rewards.0.weight=3"]).rewards
+    assert shorthand == [{"name": "brightness", "weight": 3.0, "args": {}}]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rewards.1.args.clip=demo", "rewards.1 is out of range, rewards has 1 entry (index 0)"),
+        ("eval.metrics.0.weight=2", "eval.metrics.0 is out of range, eval.metrics has no entries"),
+        ("rewards.args.clip=demo", "rewards is a list; name an entry by its index, e.g. rewards.0"),
+        ("run.name.x=1", "run.name is a value"),
+    ],
+)
+def test_bad_index_paths_are_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["prompts.items=[a]", override])
+    assert message in str(info.value) and override in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_booleans_read_back_as_the_choice_typed(tmp_path):
+    # YAML 1.1 reads `no` as false: mixed_precision's documented value must still be accepted.
+    assert load_config(None, ["prompts.items=[a]", "train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\nprompts:\n  items: [a]\n")
+    assert load_config(path).train.mixed_precision == "no"
+    # Where the word cannot be known (`on` or `yes`?), the message says to quote it.
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["prompts.items=[a]", "run.name=on"])
+    assert "run.name" in str(info.value) and "quote" in str(info.value) and "\n" not in str(info.value)
+    assert load_config(None, ["prompts.items=[a]", "run.name='on'"]).run.name == "on"
+    with pytest.raises(ConfigError, match="train.mixed_precision: 'yes' is not one of"):
+        load_config(None, ["prompts.items=[a]", "train.mixed_precision='yes'"])

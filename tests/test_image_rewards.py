@@ -75,11 +75,11 @@ def test_clip_score_is_clipped_cosine_per_pair(color_clip):
 
 
 def test_clip_score_demo_layout(demo_dir):
-    scorer = CLIPScore.from_pretrained(clip="demo", device="cpu")
+    scorer = build_reward([{"name": "clip_score", "args": {"clip": "demo"}}], device="cpu")
     model, preprocess = make_clip("tiny-clip", seed=3)
     expected = CLIPScore(model, preprocess, open_clip.get_tokenizer("tiny-clip"), device="cpu")
     images, prompts = sample_images(3), ["a", "b c", "d"]
-    torch.testing.assert_close(scorer.score(images, prompts), expected.score(images, prompts), rtol=0, atol=0)
+    torch.testing.assert_close(scorer(images, prompts), expected.score(images, prompts), rtol=0, atol=0)
 
 
 def test_aesthetic_reward_through_build_reward(clip_configs, tmp_path):

@@ -184,11 +184,12 @@ def test_export_loads_in_the_stock_sdxl_pipeline_with_the_same_images(tiny_xl, t
     torch.testing.assert_close(stock("latent"), latents(ours), atol=1e-5, rtol=1e-5)  # ... and the stock pipeline agrees
     assert np.abs(np.round(stock("np") * 255).astype(np.int16) - pixels(ours)).max() <= 1
 
-    # `raft-diffusion sample --lora` on the SDXL folder draws the same images, and an SDXL run starts from it.
+    # `raft-diffusion sample --lora` with the run's sampler on the SDXL folder draws the same images, and an
+    # SDXL run starts from it.
     args = sampling.build_parser(argparse.ArgumentParser()).parse_args(
         ["--model", tiny_xl, "--lora", str(tmp_path / "lora"), "--prompt", "a cat", "--prompt", "a dog", "--n", "2",
-         "--seed", "5", "--steps", "4", "--guidance-scale", "2.0", "--batch-size", "4", "--device", "cpu",
-         "--out", str(tmp_path / "out")]
+         "--seed", "5", "--steps", "4", "--guidance-scale", "2.0", "--batch-size", "4", "--scheduler", "ddim",
+         "--device", "cpu", "--out", str(tmp_path / "out")]
     )
     assert sampling.run(args) == 0
     from PIL import Image

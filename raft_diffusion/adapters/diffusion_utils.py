@@ -4,6 +4,7 @@ the model families (what differs between SD and SDXL): the plumbing under :mod:`
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import NoReturn
@@ -11,6 +12,7 @@ from typing import NoReturn
 import torch
 
 from raft_diffusion.assets import resolve
+from raft_diffusion.hub import hub_reachable, local_files_only, no_hub_reason
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -43,15 +45,22 @@ class UnsupportedModelError(ValueError):
 # Loading
 
 
+PRETRAINED_SCHEDULER = "pretrained"  # model.scheduler: the sampler the model folder ships with
+
+
 def scheduler_class(name: str):
-    """The diffusers scheduler class for a short name (``ddim``, ``dpm++`` ...) or a class name."""
+    """The diffusers scheduler class for a short name (``ddim``, ``dpm++`` ...) or a class name;
+    ``None`` for ``pretrained``, the model folder's own."""
     import diffusers
 
+    if name.lower() == PRETRAINED_SCHEDULER:
+        return None
     cls_name = SCHEDULERS.get(name.lower(), name)
     cls = getattr(diffusers, cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ValueError(
-            f"model.scheduler: unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers class name"
+        raise UnsupportedModelError(
+            f"model.scheduler: unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}, "
+            f"{PRETRAINED_SCHEDULER} (the model's own) or a diffusers class name"
         )
     return cls
 
@@ -69,7 +78,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_pipeline(model, dtype: torch.dtype = torch.float32):
     """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (per the folder's ``model_index.json``)
-    for a ``ModelConfig``, on the CPU, with the sampler of ``model.scheduler``.
+    for a ``ModelConfig``, on the CPU, with the sampler of ``model.scheduler`` (``pretrained``: the folder's).
 
     ``model.pretrained`` is a local folder, a hub id (from the local cache only when offline) or
     ``demo:NAME``; ``model.vae`` replaces the pipeline's VAE. An SDXL VAE that overflows in float16
@@ -82,11 +91,13 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     sampler_cls = scheduler_class(model.scheduler)  # refuse a bad name before loading anything
     name = _local_or_hub(resolve(model.pretrained), "model.pretrained")
     folder = Path(name)
-    if not folder.is_dir():  # a hub id: the snapshot from_pretrained would fetch (only the cache, quickly, when offline)
+    if not folder.is_dir():  # a hub id: the snapshot from_pretrained would fetch (only the cache when the hub is out of reach)
         try:
-            folder = Path(diffusers.DiffusionPipeline.download(name, revision=model.revision, variant=model.variant))
+            folder = Path(diffusers.DiffusionPipeline.download(
+                name, revision=model.revision, variant=model.variant, local_files_only=local_files_only()
+            ))
         except (OSError, ValueError) as err:
-            _not_loaded(model, name, err)
+            _not_loaded("model.pretrained", model.pretrained, err)
     index = folder / "model_index.json"
     if not index.is_file():
         raise ModelNotFoundError(
@@ -107,13 +118,18 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     elif not model.safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if model.vae:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(_local_or_hub(resolve(model.vae), "model.vae"), dtype=dtype)
+        vae = _local_or_hub(resolve(model.vae), "model.vae")
+        try:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype, local_files_only=local_files_only())
+        except (OSError, ValueError) as err:
+            _not_loaded("model.vae", vae, err)
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as err:
-        _not_loaded(model, str(folder), err)
+        _not_loaded("model.pretrained", str(folder), err)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
+    if sampler_cls is not None:
+        pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
     if xl:
         # SDXL's own VAE overflows in float16 (an fp16-safe one, e.g. madebyollin/sdxl-vae-fp16-fix, says so in its config).
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
@@ -122,13 +138,16 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     return pipe
 
 
-def _not_loaded(model, name: str, err: Exception) -> NoReturn:
+def _not_loaded(key: str, name: str, err: Exception) -> NoReturn:
     if Path(name).is_dir():  # a real folder that fails to load: let the real error through
         raise err
+    if not hub_reachable():
+        where = f"is not in the Hugging Face cache ({no_hub_reason()})"
+    else:
+        where = f"could not be loaded from the Hugging Face hub ({type(err).__name__})"
     raise ModelNotFoundError(
-        f"model.pretrained={model.pretrained!r}: no such folder, and the hub id could not be loaded from the "
-        f"Hugging Face hub or its local cache ({type(err).__name__}); download the pipeline where there is network "
-        f"and pass model.pretrained=/path/to/folder"
+        f"{key}={name!r}: no such folder, and the hub id {where}; download it where there is network "
+        f"(`hf download {name} --local-dir /path/to/folder`) and pass {key}=/path/to/folder"
     ) from None
 
 
@@ -208,13 +227,35 @@ def check_lora_fits(pipe, state_dict: dict, where: str) -> bool:
     return has_text_encoder
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# diffusers warns for each model a LoRA file has no keys for ("No LoRA keys associated to CLIPTextModel
+# found ..."): for a UNet-only LoRA, on every load. check_lora_fits has already matched every key.
+_NO_KEYS_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+
+
 def load_lora(pipe, path: str) -> bool:
     """Load an exported LoRA folder into ``pipe`` as adapter ``default`` (checked first); returns
     whether it has text-encoder layers. Rank, alpha and targets come from the folder."""
     folder, weight_name, state_dict = read_lora(path, type(pipe))
     has_text_encoder = check_lora_fits(pipe, state_dict, f"LoRA {path!r}")
-    # From the folder, not the state dict: the file's metadata carries lora_alpha.
-    pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="default")
+    no_keys = _DropMessages("No LoRA keys associated to")
+    loggers = [logging.getLogger(name) for name in _NO_KEYS_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(no_keys)
+    try:
+        # From the folder, not the state dict: the file's metadata carries lora_alpha.
+        pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="default")
+    finally:
+        for logger in loggers:
+            logger.removeFilter(no_keys)
     return has_text_encoder
 
 

@@ -38,32 +38,9 @@ from raft_diffusion.adapters.training import Finetuner
 from raft_diffusion.core import progress
 from raft_diffusion.core.protocols import Candidate
 from raft_diffusion.assets import resolve
+from raft_diffusion.hub import ModelNotFoundError, load_pretrained  # noqa: F401  (errors re-exported for callers)
 
 IGNORE_INDEX = -100
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model or tokenizer could not be found locally and could not be downloaded."""
-
-
-def load_pretrained(cls, name: str, key: str, **kwargs):
-    """``cls.from_pretrained(name)`` with ``demo:NAME`` resolved and a one-line error when missing.
-
-    ``key`` names the config entry that holds ``name``, so the message says what to change.
-    """
-    path = resolve(name)
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return cls.from_pretrained(str(local), **kwargs)
-    if local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
-        raise ModelNotFoundError(f"{key}: folder {path} does not exist")
-    try:
-        return cls.from_pretrained(path, **kwargs)
-    except OSError:
-        raise ModelNotFoundError(
-            f"{key}: {path!r} is not a local folder and is not in the Hugging Face cache (no network?); "
-            f"download it where there is network (`hf download {path} --local-dir DIR`) and set {key} to DIR"
-        ) from None
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -6,6 +6,7 @@ refused with a one-line :class:`ConfigError` before any model loads.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -57,7 +58,7 @@ class ModelConfig:
     init_lora: Optional[str] = None  # start from an exported LoRA folder instead of a fresh one
     args: dict = field(default_factory=dict)  # settings of a plug-in adapter, which reads them itself
     # diffusion adapter only
-    scheduler: str = "ddim"  # sampler: ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc, or a diffusers class name
+    scheduler: str = "ddim"  # sampler: ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc | pretrained (the model folder's own), or a diffusers class name
     safety_checker: bool = False  # load and run the pipeline's safety checker
     vae: Optional[str] = None  # a separate VAE folder/id (e.g. an fp16-safe SDXL VAE)
     # llm adapter only
@@ -239,10 +240,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            return _word_for_bool(value, key)
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
     return value
+
+
+# The words YAML 1.1 (PyYAML) reads as booleans.
+_YAML_BOOL_WORDS = {True: ("yes", "true", "on"), False: ("no", "false", "off")}
+
+
+def _word_for_bool(value: bool, key: str) -> str:
+    """The word a user typed where YAML read a boolean: ``train.mixed_precision: no`` means "no".
+
+    Only a choice field with exactly one of YAML's words for that boolean among its choices can be
+    read back; anywhere else the word is unknown (``on`` or ``yes``?) and must be quoted."""
+    words = [c for c in _CHOICES.get(key, ()) if c in _YAML_BOOL_WORDS[value]]
+    if len(words) == 1:
+        return words[0]
+    read, example = str(value).lower(), _YAML_BOOL_WORDS[value][0]
+    raise ConfigError(
+        f"{key}: expected a string, got {read} (YAML reads {'/'.join(_YAML_BOOL_WORDS[value])} as {read}); "
+        f"quote the word, e.g. {key}: '{example}' in YAML or \"{key}='{example}'\" on a command line"
+    )
 
 
 def _build(cls, data: dict, prefix: str):
@@ -311,6 +333,11 @@ _ALTERNATIVES = [("items", "file", "builtin"), ("eval_items", "eval_file", "eval
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``key=value`` in ``data``; a number in the key indexes a list (``rewards.0.args.clip=demo``).
+
+    A list the YAML does not set starts from its default, so that ``rewards.0.args.pretrained=...``
+    reaches the default reward."""
+    defaults = Config().to_dict()
     for text in overrides:
         path, value = parse_override(text)
         if len(path) == 2 and path[0] == "prompts" and isinstance(data.get("prompts"), dict):
@@ -319,16 +346,51 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                     for other in group:
                         if other != path[1]:
                             data["prompts"].pop(other, None)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node, default = data, defaults
+        for depth, part in enumerate(path):
+            where = ".".join(path[: depth + 1])
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                index = _list_index(node, part, where, ".".join(path[:depth]), text)
+                if last:
+                    node[index] = value
+                    break
+                child = node[index]
+                if isinstance(child, str) and ".".join(path[:depth]) in _REWARD_LISTS:  # shorthand `- aesthetic`
+                    child = node[index] = {"target": child} if ":" in child else {"name": child}
+                default = default[index] if isinstance(default, list) and index < len(default) else None
+            elif last:
+                node[part] = value
+                break
+            else:
+                child = node.get(part)
+                has_default = isinstance(default, dict) and part in default
+                default = default.get(part) if isinstance(default, dict) else None
+                if child is None:
+                    if has_default and not isinstance(default, (dict, list)):
+                        child = default  # a value: refused below
+                    else:
+                        child = node[part] = copy.deepcopy(default) if isinstance(default, list) else {}
+                if where in _REWARD_LISTS and isinstance(child, (dict, str)):  # one reward, not in a list
+                    child = node[part] = [child]
+            if not isinstance(child, (dict, list)):
+                raise ConfigError(f"override {text!r}: {where} is a value, not a section or a list")
             node = child
-        node[path[-1]] = value
     return data
+
+
+_REWARD_LISTS = ("rewards", "eval.metrics")  # lists of reward specs, which may be written as one spec or a name
+
+
+def _list_index(items: list, part: str, where: str, list_key: str, text: str) -> int:
+    if not part.isdigit():
+        raise ConfigError(f"override {text!r}: {list_key} is a list; name an entry by its index, e.g. {list_key}.0")
+    index = int(part)
+    if index >= len(items):
+        n = len(items)
+        has = {0: "no entries", 1: "1 entry (index 0)"}.get(n, f"{n} entries (indexes 0-{n - 1})")
+        raise ConfigError(f"override {text!r}: {where} is out of range, {list_key} has {has}")
+    return index
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -9,6 +9,7 @@ ever added to: nothing finished is deleted, except old checkpoints beyond ``keep
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,6 +24,37 @@ STATE_FILE = "state.json"
 
 class RunDirError(ValueError):
     """The run folder cannot be used as asked (one-line message)."""
+
+
+# errno values that mean the file system refuses writes, whichever file was being written.
+_WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def is_run_folder_error(err: OSError, root: Path) -> bool:
+    """Whether ``err`` came from a file in (or on the way to) the run folder ``root``, or from a full or
+    read-only file system, rather than from reading a model or data file elsewhere."""
+    if err.errno in _WRITE_REFUSED:
+        return True
+    root = Path(os.path.abspath(root))
+    for name in (err.filename, err.filename2):
+        if name is not None:
+            path = Path(os.path.abspath(os.fsdecode(name)))
+            if path == root or root in path.parents or path in root.parents:
+                return True
+    return False
+
+
+@contextmanager
+def os_errors_name(root: Path, what: str, advice: str = "") -> Iterator[None]:
+    """Turn an OSError of the run folder into a one-line :class:`RunDirError` naming the path."""
+    try:
+        yield
+    except OSError as err:
+        if not is_run_folder_error(err, root):
+            raise
+        path = os.fsdecode(err.filename) if err.filename is not None else str(root)
+        advice = f"; {advice}" if advice else ""
+        raise RunDirError(f"{what} {root}: {path}: {err.strerror or type(err).__name__}{advice}") from None
 
 
 def stage_name(stage: int) -> str:
@@ -121,28 +153,34 @@ class RunDir:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunDirError(f"run folder {self.root} is not writable (no write permission on {parent})")
 
-    def prepare(self, resume: bool, overwrite: bool) -> int:
-        """Make the folder ready; return the stage to continue after (0 for a fresh run)."""
-        self.check_writable()
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Refuse, touching nothing, what :meth:`prepare` would refuse."""
         if resume and overwrite:
             raise RunDirError("give either --resume or --overwrite, not both")
-        if self.root.exists() and not self.root.is_dir():
-            raise RunDirError(f"run folder {self.root} exists and is not a folder")
-        if self.root.is_dir() and self.has_progress() and not resume:
-            if not overwrite:
+        with os_errors_name(self.root, "cannot use run folder"):
+            self.check_writable()
+            if self.root.exists() and not self.root.is_dir():
+                raise RunDirError(f"run folder {self.root} exists and is not a folder")
+            if self.root.is_dir() and self.has_progress() and not resume and not overwrite:
                 what = "a finished run" if self.is_finished() else f"a run at stage {self.last_stage()}"
                 raise RunDirError(f"{self.root} already holds {what}; pass --resume to continue it or --overwrite to start over")
-            # Nothing finished is destroyed: the old run is moved aside, not deleted.
-            aside = self.root.with_name(f"{self.root.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(self.root, aside)
-            print(f"moved the previous run to {aside}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            return 0
-        self.clean_partial()
-        last = self.last_stage()
-        self.repair_metrics(last)
-        return last
+
+    def prepare(self, resume: bool, overwrite: bool) -> int:
+        """Make the folder ready; return the stage to continue after (0 for a fresh run)."""
+        self.check(resume, overwrite)
+        with os_errors_name(self.root, "cannot create run folder"):
+            if self.root.is_dir() and self.has_progress() and not resume:
+                # Nothing finished is destroyed: the old run is moved aside, not deleted.
+                aside = self.root.with_name(f"{self.root.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(self.root, aside)
+                print(f"moved the previous run to {aside}")
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                return 0
+            self.clean_partial()
+            last = self.last_stage()
+            self.repair_metrics(last)
+            return last
 
     # -- metrics ----------------------------------------------------------------------------
 

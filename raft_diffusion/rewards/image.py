@@ -1,8 +1,9 @@
 """Image rewards: LAION aesthetic score, CLIP score, JPEG (in)compressibility, brightness.
 
 Each takes the generated images (PIL, RGB) and their prompts and returns float32 ``[N]``.
-The CLIP-based rewards load their model on first use, once; string arguments written
-``demo:NAME`` name packaged demo assets.
+The CLIP-based rewards load their model once, on ``load()`` (which ``train`` and ``score`` call
+before any image is made) or on first use; string arguments written ``demo:NAME`` name packaged
+demo assets.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import torch
 
 from aesthetic.loading import as_pil_images, parse_dtype
 from raft_diffusion.assets import resolve
+from raft_diffusion.hub import hub_reachable, local_files_only, no_hub_reason
 
 
 def _resolve(value):
     return resolve(value) if isinstance(value, str) else value
+
+
+DEMO_CLIP = "demo"  # clip: demo names the packaged demo CLIP (and, for aesthetic, its head)
 
 
 class _ClipReward:
@@ -28,22 +33,37 @@ class _ClipReward:
     def __init__(self, clip, pretrained, batch_size, dtype, device):
         # Bad arguments and missing demo assets fail when the reward is built, not mid-run.
         parse_dtype(dtype, device or "cpu")
-        if clip == "demo":
-            resolve("demo:clip")
         if int(batch_size) < 1:
             raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
+        self.demo = clip == DEMO_CLIP
+        if self.demo:  # an open_clip model folder: its own config and weights
+            clip, pretrained = f"local-dir:{resolve('demo:clip')}", None
         self.kwargs = dict(
             clip=clip, pretrained=_resolve(pretrained), device=device, dtype=dtype, batch_size=int(batch_size)
         )
         self._scorer = None
 
-    def build(self):
+    def build(self, local_files_only: bool):
         raise NotImplementedError
+
+    def load(self) -> None:
+        """Load the CLIP (and head) now: a run calls this before its first sample, so that weights
+        that are not on this machine end it at once rather than after a round of generation."""
+        _ = self.scorer
 
     @property
     def scorer(self):
         if self._scorer is None:
-            self._scorer = self.build()
+            from aesthetic.loading import WeightsNotFoundError
+
+            try:
+                # Tagged weights from the local cache alone when the hub cannot be reached (no retries);
+                # the demo CLIP is a local folder and needs no hub at all.
+                self._scorer = self.build(local_files_only=self.demo or local_files_only())
+            except WeightsNotFoundError as err:
+                if hub_reachable():
+                    raise
+                raise WeightsNotFoundError(f"{err.problem} ({no_hub_reason()})", err.fix) from None
         return self._scorer
 
 
@@ -54,12 +74,12 @@ class AestheticReward(_ClipReward):
 
     def __init__(self, clip="ViT-L-14", pretrained="openai", head=None, batch_size=64, dtype=None, device=None):
         super().__init__(clip, pretrained, batch_size, dtype, device)
-        self.head = _resolve(head)
+        self.head = _resolve(head if head is not None or not self.demo else "demo:aesthetic_head.pth")
 
-    def build(self):
+    def build(self, local_files_only: bool):
         from aesthetic.predictor import AestheticPredictor
 
-        return AestheticPredictor.from_pretrained(head=self.head, **self.kwargs)
+        return AestheticPredictor.from_pretrained(head=self.head, local_files_only=local_files_only, **self.kwargs)
 
     def __call__(self, outputs: list, prompts: list[str]) -> torch.Tensor:
         return self.scorer.score(outputs)
@@ -73,10 +93,10 @@ class ClipScoreReward(_ClipReward):
     def __init__(self, clip="ViT-L-14", pretrained="openai", batch_size=64, dtype=None, device=None):
         super().__init__(clip, pretrained, batch_size, dtype, device)
 
-    def build(self):
+    def build(self, local_files_only: bool):
         from aesthetic.clip_score import CLIPScore
 
-        return CLIPScore.from_pretrained(**self.kwargs)
+        return CLIPScore.from_pretrained(local_files_only=local_files_only, **self.kwargs)
 
     def __call__(self, outputs: list, prompts: list[str]) -> torch.Tensor:
         return self.scorer.score(outputs, prompts)

@@ -82,6 +82,11 @@ class FilteredReward:
         self.reward, self.keep, self.name = reward, keep, name
         self.filtered_score = float(filtered_score)
 
+    def load(self) -> None:
+        """Load the wrapped reward's model now, if it loads one (see ``train.load_reward_models``)."""
+        if callable(getattr(self.reward, "load", None)):
+            self.reward.load()
+
     def __call__(self, outputs: list, prompts: list[str]) -> torch.Tensor:
         mask = [bool(k) for k in self.keep(outputs, prompts)]
         if len(mask) != len(outputs):
@@ -119,7 +124,7 @@ class HFRewardModel:
                  dtype: str = "float32", device: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from raft_diffusion.adapters.llm import load_pretrained
+        from raft_diffusion.hub import load_pretrained
 
         if dtype not in ("float32", "float16", "bfloat16"):
             raise RewardError(f"hf_reward_model: dtype must be float32, float16 or bfloat16, got {dtype!r}")
