@@ -4,6 +4,7 @@ reads back: the plumbing under :mod:`raft_diffusion.adapters.diffusion`."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -70,6 +71,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@functools.cache
+def dtype_keyword() -> str:
+    """The name under which diffusers' ``from_pretrained`` reads the weights' dtype: ``dtype`` from 0.40
+    (which warns on ``torch_dtype``), ``torch_dtype`` before. Older releases drop an unknown keyword with a
+    mere warning, so the wrong name would leave the weights in float32."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
+
+
 def load_pipeline(model, dtype: torch.dtype = torch.float32):
     """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (per the folder's ``model_index.json``)
     for a ``ModelConfig``, on the CPU, with the sampler of ``model.scheduler``.
@@ -102,7 +114,7 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
             f"the diffusion adapter runs {' and '.join(PIPELINES)} folders"
         )
     xl = class_name == "StableDiffusionXLPipeline"
-    kwargs = dict(dtype=dtype, revision=model.revision, variant=model.variant)
+    kwargs = {dtype_keyword(): dtype, "revision": model.revision, "variant": model.variant}
     if xl:
         if model.safety_checker:
             raise UnsupportedModelError("model.safety_checker: StableDiffusionXLPipeline has no safety checker; set it to false")
@@ -110,7 +122,7 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     elif not model.safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if model.vae:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(_local_or_hub(resolve(model.vae), "model.vae"), dtype=dtype)
+        kwargs["vae"] = AutoencoderKL.from_pretrained(_local_or_hub(resolve(model.vae), "model.vae"), **{dtype_keyword(): dtype})
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as err:
