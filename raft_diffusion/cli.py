@@ -32,9 +32,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raft_diffusion.core.config import ConfigError
     from raft_diffusion.core.prompts import PromptError
     from raft_diffusion.core.run_dir import RunDirError
+    from raft_diffusion.deps import DependencyError
     from raft_diffusion.rewards.base import RewardError
 
-    errors: list[type[BaseException]] = [ConfigError, PromptError, RunDirError, RewardError, MissingAssetError]
+    errors: list[type[BaseException]] = [ConfigError, PromptError, RunDirError, RewardError, MissingAssetError, DependencyError]
     for module, name in (
         ("raft_diffusion.adapters.diffusion", "ModelNotFoundError"),
         ("raft_diffusion.adapters.diffusion", "LoraError"),
@@ -139,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    from raft_diffusion import deps
+
     if os.environ.get("RAFT_DEBUG"):
+        deps.check()
         return args.func(args)
     try:
+        deps.check()  # before any heavy import: an old diffusers or transformers fails obscurely, or silently
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
