@@ -19,6 +19,8 @@ from clip_fixtures import (  # noqa: F401  (fixtures)
     tiny_head_state,
 )
 
+pytestmark = pytest.mark.floor  # in the fast subset that `make test-min` runs at the dependency floors
+
 
 def plain_head(path) -> nn.Sequential:
     """The LAION MLP written out by hand, loaded from the same file."""

@@ -27,6 +27,8 @@ from raft_diffusion.rewards import build_reward
 from raft_diffusion.core.loop import distinct_n
 from raft_diffusion.rewards.text import FILTERED_SCORE
 
+pytestmark = pytest.mark.floor  # in the fast subset that `make test-min` runs at the dependency floors
+
 WORDS = "the a movie pizza phone was is and but good bad great awful nice dull it i liked hated very".split()
 PROMPTS = ["the movie was", "a pizza is", "the phone was"]
 
