@@ -54,18 +54,17 @@ def test_each_unmet_floor_is_named_and_the_rest_are_not(fake_env):
         deps.check()
     assert str(err.value) == ("peft is not installed; transformers 5.0.0 is installed; raft-diffusion needs "
                               "peft>=0.18, transformers>=5.1: pip install 'peft>=0.18' 'transformers>=5.1'")
-    fake_env(declared, {"peft": "0.18.0", "transformers": "5.1.0"})
-    deps.check()  # a development build of a newer release (diffusers 0.40.0.dev0) meets its floor
+    fake_env(declared, {"diffusers": "0.40.0.dev0", "peft": "0.18.0", "transformers": "5.1.0"})
+    deps.check()  # a development build of a newer release meets its floor
 
 
 def test_the_installed_releases_meet_the_floors_and_min_versions_pins_exactly_the_floors():
-    deps.check.cache_clear()
-    deps.check()
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
-
     from packaging.version import Version
 
+    deps.check.cache_clear()
+    deps.check()
     pins = {}
     for line in MIN_VERSIONS.read_text().splitlines():
         if line.split("#")[0].strip():
