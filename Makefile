@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# test-min: the dependency floors (tests/min-versions.txt) in a venv of their own.
+VENV_MIN := .venv-min
+PY_MIN := $(VENV_MIN)/bin/python
 
-.PHONY: demo test assets bench clean
+.PHONY: demo test test-min assets bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +20,16 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+$(VENV_MIN)/.installed: pyproject.toml tests/min-versions.txt
+	test -x $(PY_MIN) || $(PYTHON) -m venv $(VENV_MIN)
+	$(PY_MIN) -m pip install -q --upgrade pip
+	$(PY_MIN) -m pip install -q -e ".[test]" -c tests/min-versions.txt
+	touch $@
+
+# The fast subset (`-m floor`) at the oldest releases pyproject.toml allows.
+test-min: $(VENV_MIN)/.installed
+	$(PY_MIN) -m pytest -q -m floor
+
 assets: $(VENV)/.installed
 	$(PY) scripts/build_demo_assets.py
 
@@ -24,4 +37,4 @@ bench: $(VENV)/.installed
 	$(PY) scripts/bench.py --device cpu --quick
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache $(VENV_MIN)

@@ -33,8 +33,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raft_diffusion.core.prompts import PromptError
     from raft_diffusion.core.run_dir import RunDirError
     from raft_diffusion.core.protocols import RewardError
+    from raft_diffusion.deps import DependencyError
 
-    errors: list[type[BaseException]] = [ConfigError, PromptError, RunDirError, RewardError, MissingAssetError]
+    errors: list[type[BaseException]] = [ConfigError, PromptError, RunDirError, RewardError, MissingAssetError, DependencyError]
     for module, name in (
         ("raft_diffusion.adapters.diffusion", "ModelNotFoundError"),
         ("raft_diffusion.adapters.diffusion", "LoraError"),
@@ -152,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     silence_known_warnings()
+    from raft_diffusion import deps
+
     if os.environ.get("RAFT_DEBUG"):
+        deps.check()
         return args.func(args)
     try:
+        deps.check()  # before any heavy import: an old diffusers or transformers fails obscurely, or silently
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -140,6 +140,7 @@ def make_adapter(config):
 def bench_sampling(args, pipe_dir: str, resolution: int, compile_: bool, reps: int) -> dict:
     from diffusers import StableDiffusionPipeline
 
+    from raft_diffusion.adapters.diffusion_utils import dtype_keyword
     from raft_diffusion.core.loop import candidate_seeds
 
     config = make_config(args, pipe_dir, resolution, compile=compile_)
@@ -149,7 +150,7 @@ def bench_sampling(args, pipe_dir: str, resolution: int, compile_: bool, reps: i
     seeds = candidate_seeds(0, 1, range(len(prompts)), args.k)
     n_images = len(seeds)
 
-    stock = StableDiffusionPipeline.from_pretrained(pipe_dir, torch_dtype=adapter.dtype, safety_checker=None, requires_safety_checker=False)
+    stock = StableDiffusionPipeline.from_pretrained(pipe_dir, **{dtype_keyword(): adapter.dtype}, safety_checker=None, requires_safety_checker=False)
     stock.scheduler = type(adapter.pipe.scheduler).from_config(adapter.pipe.scheduler.config)
     stock = stock.to(args.device)
     stock.set_progress_bar_config(disable=True)
@@ -212,7 +213,9 @@ def bench_training(args, pipe_dir: str, resolution: int, reps: int, train_batch:
     # The reference: the few lines everyone writes by hand (diffusers' train_text_to_image_lora recipe).
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    ref = StableDiffusionPipeline.from_pretrained(pipe_dir, torch_dtype=adapter.dtype, safety_checker=None, requires_safety_checker=False).to(args.device)
+    from raft_diffusion.adapters.diffusion_utils import dtype_keyword
+
+    ref = StableDiffusionPipeline.from_pretrained(pipe_dir, **{dtype_keyword(): adapter.dtype}, safety_checker=None, requires_safety_checker=False).to(args.device)
     unet = ref.unet
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=config.model.lora.rank, lora_alpha=config.model.lora.alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))

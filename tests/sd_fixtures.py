@@ -47,7 +47,8 @@ def load_lora_collecting_messages(pipe, path) -> list[str]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pipe.load_lora_weights(str(path))
+            # The file named: before 0.40, diffusers finds it in a local folder only when online (the suite is offline).
+            pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors")
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
     return messages + [str(w.message) for w in caught]

@@ -6,6 +6,8 @@ from raft_diffusion.core.config import ConfigError, from_dict, load_config, save
 from raft_diffusion.core.prompts import PromptError, load_prompts, read_prompt_file, stage_prompts
 from raft_diffusion.core.selection import select
 
+pytestmark = pytest.mark.floor  # in the fast subset that `make test-min` runs at the dependency floors
+
 BASE = {"prompts": {"items": ["a cat"]}}
 
 

@@ -12,6 +12,8 @@ from raft_diffusion.core.protocols import Adapter, has_log_ratio
 from raft_diffusion.core.config import from_dict, load_config
 from tests.sd_fixtures import build_tiny_sd, load_lora_collecting_messages
 
+pytestmark = pytest.mark.floor  # in the fast subset that `make test-min` runs at the dependency floors
+
 BASE = {
     "run": {"seed": 0},
     "sampling": {"steps": 4, "batch_size": 4, "guidance_scale": 2.0},

@@ -26,6 +26,9 @@ from raft_diffusion.core.loop import distinct_n
 from tests.lm_fixtures import PROMPTS, build_tiny_classifier, build_tiny_lm, make_tokenizer, tiny_config  # noqa: F401
 from raft_diffusion.rewards.text import FILTERED_SCORE
 
+pytestmark = pytest.mark.floor  # in the fast subset that `make test-min` runs at the dependency floors
+
+
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
     return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))

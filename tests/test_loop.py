@@ -11,6 +11,8 @@ from raft_diffusion.core.run_dir import RunDir
 from raft_diffusion.core.protocols import RewardError
 from tests.toy import GaussianAdapter, reward_of, toy_config
 
+pytestmark = pytest.mark.floor  # in the fast subset that `make test-min` runs at the dependency floors
+
 
 def run_loop(config, adapter, reward, resume=False):
     run_dir = RunDir(f"{config.run.output_dir}/{config.run.name}")

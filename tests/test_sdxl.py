@@ -16,6 +16,8 @@ from raft_diffusion.demo.random_sd import build_random_sd
 from tests.sd_fixtures import load_lora_collecting_messages
 from tests.test_diffusion_adapter import latents, make_adapter, make_config, one_line, pixels
 
+pytestmark = pytest.mark.floor  # in the fast subset that `make test-min` runs at the dependency floors
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():

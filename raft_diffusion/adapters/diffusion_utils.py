@@ -3,6 +3,7 @@ the model families (what differs between SD and SDXL): the plumbing under :mod:`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -76,6 +77,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@functools.cache
+def dtype_keyword() -> str:
+    """The name under which diffusers' ``from_pretrained`` reads the weights' dtype: ``dtype`` from 0.40
+    (which warns on ``torch_dtype``), ``torch_dtype`` before. Older releases drop an unknown keyword with a
+    mere warning, so the wrong name would leave the weights in float32."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
+
+
 def load_pipeline(model, dtype: torch.dtype = torch.float32):
     """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (per the folder's ``model_index.json``)
     for a ``ModelConfig``, on the CPU, with the sampler of ``model.scheduler`` (``pretrained``: the folder's).
@@ -110,7 +122,7 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
             f"the diffusion adapter runs {' and '.join(PIPELINES)} folders"
         )
     xl = class_name == "StableDiffusionXLPipeline"
-    kwargs = dict(dtype=dtype, revision=model.revision, variant=model.variant)
+    kwargs = {dtype_keyword(): dtype, "revision": model.revision, "variant": model.variant}
     if xl:
         if model.safety_checker:
             raise UnsupportedModelError("model.safety_checker: StableDiffusionXLPipeline has no safety checker; set it to false")
@@ -120,7 +132,7 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     if model.vae:
         vae = _local_or_hub(resolve(model.vae), "model.vae")
         try:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype, local_files_only=local_files_only())
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, **{dtype_keyword(): dtype}, local_files_only=local_files_only())
         except (OSError, ValueError) as err:
             _not_loaded("model.vae", vae, err)
     try:
