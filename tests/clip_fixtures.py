@@ -70,7 +70,7 @@ def demo_dir(tmp_path, monkeypatch, clip_configs):
     model, _ = make_clip("tiny-clip", seed=3)
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "model_config.json").write_text(json.dumps(tiny_config(32)))
-    (tmp_path / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_config(32), "preprocess_cfg": {}}))
+    (tmp_path / "clip" / "demo-clip.json").write_text(json.dumps(tiny_config(32)))
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(weights, tmp_path / "clip" / "open_clip_model.safetensors")
     torch.save(tiny_head_state(32, seed=4), tmp_path / "aesthetic_head.pth")

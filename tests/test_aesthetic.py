@@ -175,7 +175,8 @@ def test_demo_layout(demo_dir):
 
     reward = build_reward([{"name": "aesthetic", "args": {"clip": "demo"}}], device="cpu")
     _, _, part = reward.parts[0]
-    assert part.kwargs["clip"] == f"local-dir:{demo_dir / 'clip'}"  # the packaged folder, as open_clip reads one
+    assert part.kwargs["clip"] == f"{demo_dir / 'clip'}/demo-clip.json"  # the packaged folder's config and weights
+    assert part.kwargs["pretrained"] == f"{demo_dir / 'clip'}/open_clip_model.safetensors"
     assert part.head == str(demo_dir / "aesthetic_head.pth")
     model, preprocess = make_clip("tiny-clip", seed=3)  # the weights the demo folder holds
     images = sample_images(3)

@@ -128,6 +128,6 @@ def test_the_packaged_demo_models_load_whole():
 
     from safetensors.torch import load_file
 
-    model, _, _ = load_clip("demo", None)
+    model, _, _ = load_clip(resolve("demo:clip/demo-clip.json"), resolve("demo:clip/open_clip_model.safetensors"))
     saved = load_file(resolve("demo:clip/open_clip_model.safetensors"))  # float16, loaded into float32
     torch.testing.assert_close(model.state_dict(), {k: v.float() for k, v in saved.items()}, rtol=0, atol=0)

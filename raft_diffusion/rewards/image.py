@@ -23,6 +23,7 @@ def _resolve(value):
 
 
 DEMO_CLIP = "demo"  # clip: demo names the packaged demo CLIP (and, for aesthetic, its head)
+DEMO_CLIP_CONFIG, DEMO_CLIP_WEIGHTS = "demo-clip.json", "open_clip_model.safetensors"
 
 
 class _ClipReward:
@@ -36,8 +37,9 @@ class _ClipReward:
         if int(batch_size) < 1:
             raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
         self.demo = clip == DEMO_CLIP
-        if self.demo:  # an open_clip model folder: its own config and weights
-            clip, pretrained = f"local-dir:{resolve('demo:clip')}", None
+        if self.demo:  # the packaged folder: an open_clip model config (named for its file) and weights
+            folder = resolve("demo:clip")
+            clip, pretrained = f"{folder}/{DEMO_CLIP_CONFIG}", f"{folder}/{DEMO_CLIP_WEIGHTS}"
         self.kwargs = dict(
             clip=clip, pretrained=_resolve(pretrained), device=device, dtype=dtype, batch_size=int(batch_size)
         )
