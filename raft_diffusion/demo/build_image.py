@@ -83,7 +83,7 @@ class ImageBuildConfig:
     clip_text_layers: int = 2
     clip_context_length: int = 24
     clip_layout_share: float = 0.7  # captions with layout words; the rest are the short prompts
-    clip_steps: int = 3000
+    clip_steps: int = 5000  # the contrastive loss still falls at 3000 steps
     clip_batch: int = 128
     clip_lr: float = 2e-3
     # aesthetic head
