@@ -167,6 +167,28 @@ def test_raft_on_brightness_makes_fresh_samples_brighter(tiny_sd_v):
     assert after.mean() > before.mean() + 1.5, (before.mean(), after.mean())
 
 
+def test_guided_loss_is_the_loss_of_the_guided_prediction(tiny_sd):
+    adapter = make_adapter(tiny_sd, sampling={"guidance_scale": 3.0}, train={"guided_loss": True, "steps_per_stage": 20})
+    chosen = adapter.generate(["a cat", "a dog"], 1, [0, 1])
+    lat = latents(chosen)
+    embeds = torch.stack([c.payload["prompt_embeds"] for c in chosen])
+    g = torch.Generator().manual_seed(5)
+    noise, timesteps = torch.randn(lat.shape, generator=g), torch.tensor([100, 700])
+    with torch.no_grad():
+        guided = adapter.denoising_loss(lat, embeds, noise, timesteps).item()
+        noisy = adapter.noise_scheduler.add_noise(lat, noise, timesteps)
+        uncond = adapter._as_unconditional(adapter._encode([""]), "")["prompt_embeds"].expand_as(embeds)
+        eps_c = adapter.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+        eps_u = adapter.unet(noisy, timesteps, encoder_hidden_states=uncond).sample
+        target = adapter.noise_scheduler.get_velocity(lat, noise, timesteps) if adapter.noise_scheduler.config.prediction_type == "v_prediction" else noise
+        expected = torch.nn.functional.mse_loss(eps_u + 3.0 * (eps_c - eps_u), target).item()
+        plain = torch.nn.functional.mse_loss(eps_c, target).item()
+    assert guided == pytest.approx(expected, rel=1e-5) and abs(guided - plain) > 1e-3 * plain
+    adapter.finetune(chosen)
+    with torch.no_grad():
+        assert adapter.denoising_loss(lat, embeds, noise, timesteps).item() < 0.95 * guided  # it trains that loss
+
+
 def test_save_load_resumes_bit_for_bit(tiny_sd, tmp_path):
     # Every random consumer on: caption dropout, LoRA dropout (global RNG), min-SNR, accumulation.
     sections = dict(model={"lora": {"dropout": 0.1}}, train={"snr_gamma": 5.0, "caption_dropout": 0.5, "grad_accum": 2, "steps_per_stage": 3})

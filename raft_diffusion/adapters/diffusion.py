@@ -115,7 +115,7 @@ class DiffusionAdapter:
         self.unet_train = self.finetuner.models[0]  # DDP-wrapped when distributed; self.unet samples
         self.text_encoders_train = self.finetuner.models[1:]
         self._compiled_unet = None
-        self._empty = None
+        self._empty = self._negative = None
 
     def _check_settings(self) -> None:
         from diffusers import DDIMScheduler, DDPMScheduler
@@ -461,7 +461,10 @@ class DiffusionAdapter:
         SD-1.x/2.x that one tensor: prompt embeddings [B, 77, D] (token ids [B, 77] with a
         text-encoder LoRA). ``drop``: bool [B], samples trained on the empty prompt (caption
         dropout). Target epsilon or v per the model's ``prediction_type``; min-SNR weighting with
-        ``train.snr_gamma`` > 0.
+        ``train.snr_gamma`` > 0. With ``train.guided_loss`` the loss is on the guided prediction
+        ``uncond + w * (cond - uncond)`` that sampling uses (``w = sampling.guidance_scale``; DDPO
+        trains its policy this way): the chosen samples were drawn under guidance, and fitting the
+        conditional branch alone to them would compound guidance from stage to stage.
         """
         from diffusers.training_utils import compute_snr
 
@@ -473,7 +476,14 @@ class DiffusionAdapter:
         latents, noise, timesteps = latents.to(self.device).float(), noise.to(self.device).float(), timesteps.to(self.device)
         cond = self._conditioning(cond, drop, self.text_encoders_train)
         noisy = sched.add_noise(latents, noise, timesteps)
-        pred = self.unet_train(noisy.to(self.dtype), timesteps, **self._unet_kwargs(cond), return_dict=False)[0]
+        if self.config.train.guided_loss and self.do_cfg:
+            uncond = self._negative_embeds()
+            both = self.unet_train(torch.cat([noisy] * 2).to(self.dtype), torch.cat([timesteps] * 2),
+                                   **self._unet_kwargs(cond, uncond), return_dict=False)[0]
+            pred_uncond, pred_cond = both.float().chunk(2)
+            pred = pred_uncond + self.config.sampling.guidance_scale * (pred_cond - pred_uncond)
+        else:
+            pred = self.unet_train(noisy.to(self.dtype), timesteps, **self._unet_kwargs(cond), return_dict=False)[0]
         kind = sched.config.prediction_type
         if kind == "epsilon":
             target = noise
@@ -489,6 +499,14 @@ class DiffusionAdapter:
             weights = weights / snr if kind == "epsilon" else weights / (snr + 1) if kind == "v_prediction" else weights
             loss = loss * weights
         return loss.mean()
+
+    def _negative_embeds(self) -> dict[str, torch.Tensor]:
+        """The unconditional side of guidance, as sampling builds it (the current text encoders, no grad)."""
+        if self._negative is None or self.trains_text_encoder:  # a text-encoder LoRA changes it every step
+            negative = self.config.sampling.negative_prompt
+            with torch.no_grad():
+                self._negative = self._as_unconditional(self._encode([negative]), negative)
+        return self._negative
 
     def _empty_embeds(self) -> dict[str, torch.Tensor]:
         if self._empty is None:

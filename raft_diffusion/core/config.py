@@ -113,6 +113,7 @@ class TrainConfig:
     # diffusion adapter only
     snr_gamma: float = 0.0  # min-SNR weighting gamma (0: off; 5 is the usual value)
     caption_dropout: float = 0.0  # probability of training a sample on the empty prompt (keeps CFG working)
+    guided_loss: bool = False  # the loss on the guided prediction sampling uses (uncond + w * (cond - uncond)), as DDPO trains; twice the UNet passes
     # llm adapter only
     train_on_prompt: bool = False  # also put loss on prompt tokens (LMFlow's RAFT does)
 
