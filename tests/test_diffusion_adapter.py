@@ -168,7 +168,8 @@ def test_raft_on_brightness_makes_fresh_samples_brighter(tiny_sd_v):
 
 
 def test_guided_loss_is_the_loss_of_the_guided_prediction(tiny_sd):
-    adapter = make_adapter(tiny_sd, sampling={"guidance_scale": 3.0}, train={"guided_loss": True, "steps_per_stage": 20})
+    scale = 7.5
+    adapter = make_adapter(tiny_sd, sampling={"guidance_scale": scale}, train={"guided_loss": True, "steps_per_stage": 20})
     chosen = adapter.generate(["a cat", "a dog"], 1, [0, 1])
     lat = latents(chosen)
     embeds = torch.stack([c.payload["prompt_embeds"] for c in chosen])
@@ -181,9 +182,12 @@ def test_guided_loss_is_the_loss_of_the_guided_prediction(tiny_sd):
         eps_c = adapter.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
         eps_u = adapter.unet(noisy, timesteps, encoder_hidden_states=uncond).sample
         target = adapter.noise_scheduler.get_velocity(lat, noise, timesteps) if adapter.noise_scheduler.config.prediction_type == "v_prediction" else noise
-        expected = torch.nn.functional.mse_loss(eps_u + 3.0 * (eps_c - eps_u), target).item()
+        expected = torch.nn.functional.mse_loss(eps_u + scale * (eps_c - eps_u), target).item()
         plain = torch.nn.functional.mse_loss(eps_c, target).item()
-    assert guided == pytest.approx(expected, rel=1e-5) and abs(guided - plain) > 1e-3 * plain
+    # A random tiny UNet barely tells cond from uncond: the two losses differ by well under 1 %, so
+    # "different" is measured against the tolerance of "equal", not against a share of the loss.
+    assert guided == pytest.approx(expected, rel=1e-5)
+    assert abs(plain - expected) > 20 * 1e-5 * expected
     adapter.finetune(chosen)
     with torch.no_grad():
         assert adapter.denoising_loss(lat, embeds, noise, timesteps).item() < 0.95 * guided  # it trains that loss
