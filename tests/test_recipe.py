@@ -99,10 +99,28 @@ def test_early_stop_when_a_watched_metric_falls(tmp_path):
     outcome = json.loads((run_dir.root / "outcome.json").read_text())
     assert outcome["stopped_early"] and "eval_near fell" in outcome["stop_reason"]
     last = outcome["last_stage"]
-    assert last < 12 and outcome["exported_stage"] == last  # no guard.metric: the last stage is exported
+    # No guard.metric: the stage that failed the watch is not exported, the evaluation before it is.
+    assert last < 12 and outcome["exported_stage"] == last - 1 and outcome["rule"] == "last stage the watch passed"
     records = {r["stage"]: r for r in run_dir.read_metrics()}
     best = max((r for r in records.values() if "eval_near" in r), key=lambda r: r["eval_near"])
     assert records[last]["eval_near"] < best["eval_near"]
+    exported = json.loads((run_dir.final / "mu.json").read_text())["mu"]
+    assert exported == float(torch.load(run_dir.checkpoint_dir(last - 1) / "toy.pt", weights_only=True)["mu"])
+    assert f"exported: stage {last - 1} (the last stage the watch passed)" in summary_table(run_dir.read_metrics(), outcome)
+
+
+def test_a_stage_that_fails_the_watch_is_never_the_best(tmp_path):
+    # The proxy (eval_reward) rises at every stage while eval_near rises, then falls: the stage that
+    # tripped the watch has the highest proxy, and must still not be exported.
+    _, run_dir = run(cfg(tmp_path, run__stages=12, guard__metric="eval_reward", guard__watch=["eval_near"],
+                         guard__max_drop_se=3.0, run__keep_checkpoints=1))
+    outcome = json.loads((run_dir.root / "outcome.json").read_text())
+    records = {r["stage"]: r for r in run_dir.read_metrics() if "eval_near" in r}
+    last = outcome["last_stage"]
+    assert outcome["stopped_early"] and "eval_near fell" in outcome["stop_reason"]
+    assert max(records.values(), key=lambda r: r["eval_reward"])["stage"] == last  # the proxy peaks where the watch fails
+    assert outcome["exported_stage"] == max((r for s, r in records.items() if s < last), key=lambda r: r["eval_reward"])["stage"]
+    assert run_dir.checkpoint_dir(outcome["exported_stage"]).is_dir()
 
 
 def test_resume_is_exact_with_every_option_on(tmp_path):

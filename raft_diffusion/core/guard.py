@@ -8,7 +8,8 @@ the records of ``metrics.jsonl`` first, so the decision is the same as without t
   from). ``guard.patience`` stops the run when it has not improved for that many evaluations.
 * ``guard.watch`` names held-out metrics that must not fall: the run stops when one lies more than
   ``guard.max_drop_se`` paired standard errors below its best so far (the same prompts and seeds
-  sample by sample, see :mod:`raft_diffusion.core.stats`).
+  sample by sample, see :mod:`raft_diffusion.core.stats`). The stage that failed the watch is never
+  exported: the best earlier one by ``guard.metric`` is, or without one the last that passed.
 """
 
 from __future__ import annotations
@@ -42,28 +43,29 @@ class Guard:
         self.best_value: float | None = None
         self.since_best = 0
         self.watch_best: dict[str, tuple[int, float]] = {}  # metric -> (stage, mean) of its best so far
+        self.last_passed: int | None = None  # the last evaluated stage no watched metric failed
         self.stop_reason: str | None = None
 
     @property
     def selects(self) -> bool:
         return bool(self.config.metric)
 
+    @property
+    def active(self) -> bool:
+        """Whether the export may be an earlier stage than the last (so stage 0 needs a checkpoint)."""
+        return bool(self.config.metric or self.config.watch)
+
+    @property
+    def candidate(self) -> int | None:
+        """The stage that would be exported if the run ended now (its checkpoint must be kept)."""
+        return self.best_stage if self.selects else self.last_passed
+
     def observe(self, record: dict) -> None:
         """Take one metrics record (records without an evaluation are ignored)."""
         if "eval_reward" not in record or self.stop_reason:
             return
         stage = record["stage"]
-        metric = self.config.metric
-        value = stats.number(record, metric) if metric else None
-        if value is not None:
-            if self.best_value is None or value > self.best_value:
-                self.best_stage, self.best_value, self.since_best = stage, value, 0
-            else:
-                self.since_best += 1
-                if self.config.patience and self.since_best >= self.config.patience:
-                    self.stop_reason = (f"{metric} has not improved for {self.since_best} evaluations "
-                                        f"(best {self.best_value:.4g} at stage {self.best_stage})")
-                    return
+        # The watch comes first: a stage that fails it must not become the best one.
         for name in self.config.watch:
             value = stats.number(record, name)
             if value is None:
@@ -76,6 +78,17 @@ class Guard:
                 self._check_drop(name, stage, best[0])
                 if self.stop_reason:
                     return
+        self.last_passed = stage
+        metric = self.config.metric
+        value = stats.number(record, metric) if metric else None
+        if value is not None:
+            if self.best_value is None or value > self.best_value:
+                self.best_stage, self.best_value, self.since_best = stage, value, 0
+            else:
+                self.since_best += 1
+                if self.config.patience and self.since_best >= self.config.patience:
+                    self.stop_reason = (f"{metric} has not improved for {self.since_best} evaluations "
+                                        f"(best {self.best_value:.4g} at stage {self.best_stage})")
 
     def _check_drop(self, name: str, stage: int, best_stage: int) -> None:
         score = name[len("eval_"):]
@@ -88,12 +101,22 @@ class Guard:
             self.stop_reason = (f"{name} fell {change[0]:+.4g} ({z:+.1f} paired SE) below its best at stage {best_stage}")
 
     def export_stage(self, last_stage: int) -> int:
-        """The stage to export: the best by ``guard.metric``, else the last one."""
-        return self.best_stage if self.selects and self.best_stage is not None else last_stage
+        """The stage to export: the best by ``guard.metric``; without one the last stage, or, when a
+        watched metric stopped the run, the last evaluated stage before that."""
+        if self.selects and self.best_stage is not None:
+            return self.best_stage
+        if self.stop_reason and self.last_passed is not None:
+            return self.last_passed
+        return last_stage
 
     def outcome(self, last_stage: int) -> dict:
         exported = self.export_stage(last_stage)
-        rule = f"best {self.config.metric}" if self.selects and self.best_stage is not None else "last stage"
+        if self.selects and self.best_stage is not None:
+            rule = f"best {self.config.metric}"
+        elif exported != last_stage:
+            rule = "last stage the watch passed"
+        else:
+            rule = "last stage"
         return {
             "exported_stage": exported,
             "rule": rule,

@@ -135,7 +135,7 @@ class RaftLoop:
                 start = time.perf_counter()
                 record = {"stage": 0, **self.evaluate(0), "time_eval_s": time.perf_counter() - start}
                 self.guard.observe(record)
-                if self.guard.selects:  # stage 0 may turn out best: keep the starting weights
+                if self.guard.active:  # stage 0 may be the one exported: keep the starting weights
                     self._checkpoint(0, record)
                 if dist.is_main():
                     self.run_dir.append_metrics(record)
@@ -388,12 +388,12 @@ class RaftLoop:
             if dist.is_main():
                 (tmp / STATE_FILE).write_text(json.dumps({"stage": stage, "metrics": record}), encoding="utf-8")
                 tmp.rename(target)
-                keep = {self.guard.best_stage} if self.guard.selects else set()
+                keep = {self.guard.candidate} if self.guard.candidate is not None else set()
                 self.run_dir.prune_checkpoints(self.config.run.keep_checkpoints, protect=keep)
             dist.barrier()
 
     def _export_final(self) -> None:
-        """Export the stage the guard names (the best by ``guard.metric``, else the last) to ``final/``,
+        """Export the stage the guard names (see :meth:`Guard.export_stage`) to ``final/``,
         and say in ``outcome.json`` which one it is and why the run ended."""
         last = self.run_dir.last_stage()
         outcome = self.guard.outcome(last)
@@ -406,7 +406,7 @@ class RaftLoop:
                     self.adapter.export(tmp)
                 atomic_write_text(self.run_dir.root / OUTCOME_FILE, json.dumps(outcome, indent=2) + "\n")
             dist.barrier()
-        which = f"stage {exported}" + (f", the best by {outcome['metric']}" if outcome["rule"] != "last stage" else "")
+        which = f"stage {exported}" + (f", the {outcome['rule']}" if outcome["rule"] != "last stage" else "")
         self.log(f"exported {which} to {self.run_dir.final}")
 
     # -- signals ---------------------------------------------------------------------------

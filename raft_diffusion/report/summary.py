@@ -52,8 +52,11 @@ def outcome_line(outcome: dict | None) -> str:
     if not outcome:
         return ""
     line = f"exported: stage {outcome['exported_stage']}"
-    if outcome.get("rule", "last stage") != "last stage":
+    rule = outcome.get("rule", "last stage")
+    if outcome.get("metric") and rule != "last stage":
         line += f" (the best by {outcome['metric']}: {outcome['value']:.4g})"
+    elif rule != "last stage":
+        line += f" (the {rule})"
     if outcome.get("stopped_early"):
         line += f"; stopped early after stage {outcome['last_stage']}: {outcome['stop_reason']}"
     return line
