@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +239,28 @@ def test_report_of_a_toy_run_has_summary_plots_and_config(toy_run):
     assert page.count('src="data:image/png;base64,') >= 3  # reward, loss, time plots; no grids
     assert "grid" not in {p.name for p in run_dir.stages.rglob("*.png")}
     assert "strategy: local" in page  # the config
+
+
+def test_change_curve_draws_one_panel_per_held_out_metric(toy_run, tmp_path):
+    import subprocess
+    import sys
+
+    from raft_diffusion.report.plots import plot_changes
+
+    run_dir, path = toy_run
+    records = run_dir.read_metrics()
+    png = plot_changes(records, {"exported_stage": 2})
+    assert png.startswith(b"\x89PNG")
+    with_gold = [{**r, "eval_near_change": 0.1, "eval_near_change_sem": 0.01} if r["stage"] else {**r, "eval_near": 0.0} for r in records]
+    height = lambda data: Image.open(__import__("io").BytesIO(data)).height  # noqa: E731
+    assert height(plot_changes(with_gold)) > height(png)  # a second metric, a second panel
+    assert plot_changes([r for r in records if r["stage"] == 0]) is None  # the base model alone: nothing to draw
+    assert "change since the base model" in path.read_text()
+    out, script = tmp_path / "changes.png", str(Path(__file__).resolve().parents[1] / "scripts" / "plot_changes.py")
+    done = subprocess.run([sys.executable, script, str(run_dir.root), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0 and Image.open(out).format == "PNG"
+    missing = subprocess.run([sys.executable, script, str(tmp_path / "none"), "--out", str(out)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
 
 
 def test_tensorboard_receives_every_record(toy_run):

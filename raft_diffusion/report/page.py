@@ -18,7 +18,7 @@ from raft_diffusion.core import stats
 from raft_diffusion.core.guard import OUTCOME_FILE
 from raft_diffusion.core.run_dir import RunDir, atomic_write_text
 from raft_diffusion.report.grids import EVAL_GRID_FILE, EVAL_SAMPLES_FILE, GRID_FILE, _fmt
-from raft_diffusion.report.plots import plot_curves, timing_rows
+from raft_diffusion.report.plots import plot_changes, plot_curves, timing_rows
 from raft_diffusion.report.summary import outcome_line, row_cells, shows_best_of_k, summary_table, verdict
 
 
@@ -235,6 +235,9 @@ def write_report(run_dir: RunDir | str | Path) -> Path:
     ]
     eval_k = config.get("eval", {}).get("k")
     plots = plot_curves(records, eval_k)
+    changes = plot_changes(records, outcome)
+    if changes is not None:
+        plots.insert(0, ("change since the base model", changes))
     if plots:
         parts.append("<h2>Curves</h2><div class='plots'>")
         parts += [f'<img src="{_data_uri(png)}" alt="{_esc(title)}">' for title, png in plots]

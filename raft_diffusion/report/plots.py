@@ -55,6 +55,38 @@ def _best_of_k_line(ax, records: list[dict], key: str, k) -> None:
         ax.axhline(base[key], color="tab:gray", linestyle="--", linewidth=1, label=f"base model, best-of-{k or 'k'}")
 
 
+def plot_changes(records: list[dict], outcome: dict | None = None, title: str = "") -> bytes | None:
+    """One panel per held-out metric: its paired change since the base model at each evaluation
+    (± paired SE), the exported stage marked. None when no evaluation after stage 0 has a change."""
+    from matplotlib.figure import Figure
+
+    records = stats.dedupe(records)
+    names = [n for n in stats.eval_names(next((r for r in records if "eval_reward" in r), {}))
+             if any(stats.number(r, f"eval_{n}_change") is not None for r in records)]
+    if not names:
+        return None
+    fig = Figure(figsize=(5.6, 1.9 * len(names) + 0.6), dpi=100)
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    exported = outcome["exported_stage"] if outcome else None
+    for ax, name in zip(axes, names):
+        xs, ys, es = _series(records, f"eval_{name}_change", f"eval_{name}_change_sem")
+        xs, ys, es = [0, *xs], [0.0, *ys], [0.0, *es]  # the base model, by definition no change
+        kind = "proxy" if name == "reward" else ("gold, eval only" if "gold" in name else "eval only")
+        ax.errorbar(xs, ys, yerr=es, color="tab:orange" if name == "reward" else "tab:red" if "gold" in name else "tab:blue",
+                    marker="s", markersize=3, capsize=2, linewidth=1)
+        ax.axhline(0.0, color="tab:gray", linewidth=0.8)
+        if exported is not None:
+            ax.axvline(exported, color="tab:green", linestyle="--", linewidth=1)
+        ax.set_ylabel("change", fontsize=8)
+        ax.set_title(f"{name} ({kind})", fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("stage" + (f"   (dashed: stage {exported}, exported)" if exported is not None else ""))
+    _integer_stages(axes[-1], records)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
 def plot_curves(records: list[dict], k: int | None = None) -> list[tuple[str, bytes]]:
     """(title, PNG bytes) of each metric plot the records allow (``k``: eval samples per prompt)."""
     records = stats.dedupe(records)
