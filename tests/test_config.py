@@ -146,3 +146,11 @@ def test_yaml_booleans_read_back_as_the_choice_typed(tmp_path):
     assert load_config(None, ["prompts.items=[a]", "run.name='on'"]).run.name == "on"
     with pytest.raises(ConfigError, match="train.mixed_precision: 'yes' is not one of"):
         load_config(None, ["prompts.items=[a]", "train.mixed_precision='yes'"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_its_guard_names_logged_metrics(path):
+    config = load_config(path, [])
+    logged = {"eval_reward", *(f"eval_{m['name']}" for m in config.eval.metrics)}
+    for name in [config.guard.metric, *config.guard.watch]:
+        assert not name or name in logged, f"{path.name}: guard names {name}, which the run does not log"
