@@ -406,7 +406,7 @@ class RaftLoop:
                     self.adapter.export(tmp)
                 atomic_write_text(self.run_dir.root / OUTCOME_FILE, json.dumps(outcome, indent=2) + "\n")
             dist.barrier()
-        which = f"stage {exported}" + (f", the {outcome['rule']}" if outcome["rule"] != "last stage" else "")
+        which = f"stage {exported}" + (f" (the {outcome['rule']})" if outcome["rule"] != "last stage" else "")
         self.log(f"exported {which} to {self.run_dir.final}")
 
     # -- signals ---------------------------------------------------------------------------
