@@ -32,7 +32,7 @@ td:first-child, th:first-child { text-align: left; }
 .up { color: #15803d; font-weight: 600; } .down { color: #b91c1c; font-weight: 600; }
 .warn { background: #fff4e5; border-left: 4px solid #f59e0b; padding: 8px 12px; margin: 10px 0; }
 .facts td { text-align: left; border: none; padding: 1px 12px 1px 0; } .facts td:first-child { color: #6b6b6b; }
-.plots { display: flex; flex-wrap: wrap; gap: 12px; } .plots img { width: 560px; max-width: 100%; border: 1px solid #eee; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; } .plots img { width: 560px; max-width: 100%; height: auto; border: 1px solid #eee; }
 .pair { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 16px; align-items: start; }
 .pair figure { margin: 0; } .pair img { width: 100%; border: 1px solid #eee; image-rendering: pixelated; }
 .pair.text > div { flex: 1 1 45%; min-width: 360px; }
