@@ -57,7 +57,10 @@ class Guard:
 
     @property
     def candidate(self) -> int | None:
-        """The stage that would be exported if the run ended now (its checkpoint must be kept)."""
+        """The stage a guard would export if the run ended now (its checkpoint must be kept); None
+        without a guard, when the export is the last stage."""
+        if not self.active:
+            return None
         return self.best_stage if self.selects else self.last_passed
 
     def observe(self, record: dict) -> None:
