@@ -193,9 +193,29 @@ def test_guided_loss_is_the_loss_of_the_guided_prediction(tiny_sd):
         assert adapter.denoising_loss(lat, embeds, noise, timesteps).item() < 0.95 * guided  # it trains that loss
 
 
+def test_timestep_bias_draws_the_noise_levels_it_names(tiny_sd):
+    def drawn(**train):
+        adapter = make_adapter(tiny_sd, train=train)
+        n = adapter.noise_scheduler.config.num_train_timesteps
+        lat, cond = torch.zeros(8, 4, 4, 4), {"prompt_embeds": torch.zeros(8, 1, 1)}
+        t = torch.cat([adapter._draw_batch(lat, cond, torch.arange(8))[3] for _ in range(500)])
+        return t, n
+
+    t, n = drawn()
+    assert 0.2 < (t >= n * 3 // 4).float().mean() < 0.3  # uniform: a quarter in the noisiest quarter
+    t, n = drawn(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
+    assert 0.45 < (t >= n * 3 // 4).float().mean() < 0.55  # 3 x 1/4 against 3/4
+    t, n = drawn(timestep_bias_strategy="earlier", timestep_bias_multiplier=0.0, timestep_bias_portion=0.5)
+    assert t.min() >= n // 2 and t.max() == n - 1  # the cleaner half is never drawn
+    t, n = drawn(timestep_bias_strategy="range", timestep_bias_multiplier=0.0, timestep_bias_begin=0, timestep_bias_end=n - 10)
+    assert t.min() >= n - 10
+
+
 def test_save_load_resumes_bit_for_bit(tiny_sd, tmp_path):
-    # Every random consumer on: caption dropout, LoRA dropout (global RNG), min-SNR, accumulation.
-    sections = dict(model={"lora": {"dropout": 0.1}}, train={"snr_gamma": 5.0, "caption_dropout": 0.5, "grad_accum": 2, "steps_per_stage": 3})
+    # Every random consumer on: caption dropout, LoRA dropout (global RNG), min-SNR, accumulation,
+    # biased timesteps.
+    sections = dict(model={"lora": {"dropout": 0.1}}, train={"snr_gamma": 5.0, "caption_dropout": 0.5, "grad_accum": 2, "steps_per_stage": 3,
+                                                             "timestep_bias_strategy": "later", "timestep_bias_multiplier": 2.0})
 
     torch.manual_seed(0)
     straight = make_adapter(tiny_sd, **sections)

@@ -116,6 +116,7 @@ class DiffusionAdapter:
         self.text_encoders_train = self.finetuner.models[1:]
         self._compiled_unet = None
         self._empty = self._negative = None
+        self._timestep_weights = timestep_weights(config.train, self.noise_scheduler.config.num_train_timesteps)
 
     def _check_settings(self) -> None:
         from diffusers import DDIMScheduler, DDPMScheduler
@@ -519,7 +520,10 @@ class DiffusionAdapter:
         g = self.finetuner.generator
         b = len(idx)
         noise = torch.randn((b, *latents.shape[1:]), generator=g)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
+        if self._timestep_weights is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
+        else:
+            timesteps = torch.multinomial(self._timestep_weights, b, replacement=True, generator=g)
         p = self.config.train.caption_dropout
         drop = torch.rand(b, generator=g) < p if p > 0 else None
         return latents[idx], {k: v[idx] for k, v in cond.items()}, noise, timesteps, drop
@@ -574,6 +578,30 @@ class DiffusionAdapter:
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
             kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         type(self.pipe).save_lora_weights(str(path), **kwargs)
+
+
+def timestep_weights(train, num_timesteps: int) -> torch.Tensor | None:
+    """Relative draw weights of the training timesteps under ``train.timestep_bias_*`` (None: uniform).
+
+    The semantics of diffusers' SDXL text-to-image training script (``--timestep_bias_strategy``),
+    whose helper lives in its examples, not in the library.
+    """
+    strategy = train.timestep_bias_strategy
+    if strategy == "none" or train.timestep_bias_multiplier == 1.0:
+        return None
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    if strategy == "range":
+        begin, end = train.timestep_bias_begin, min(train.timestep_bias_end, num_timesteps)
+        if begin >= end:
+            raise ValueError(f"train.timestep_bias_begin {begin} is not below the model's {num_timesteps} timesteps")
+        biased = slice(begin, end)
+    else:
+        n = max(1, int(train.timestep_bias_portion * num_timesteps))
+        biased = slice(num_timesteps - n, None) if strategy == "later" else slice(0, n)
+    weights[biased] *= train.timestep_bias_multiplier
+    if weights.sum() == 0:
+        raise ValueError("train.timestep_bias_*: every timestep has weight 0")
+    return weights / weights.sum()
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,15 @@ class TrainConfig:
     snr_gamma: float = 0.0  # min-SNR weighting gamma (0: off; 5 is the usual value)
     caption_dropout: float = 0.0  # probability of training a sample on the empty prompt (keeps CFG working)
     guided_loss: bool = False  # the loss on the guided prediction sampling uses (uncond + w * (cond - uncond)), as DDPO trains; twice the UNet passes
+    # Which noise levels fine-tuning draws, as diffusers' SDXL training script biases them: a share of
+    # the timesteps (the noisiest with `later`, the cleanest with `earlier`, [begin, end) with `range`)
+    # is drawn `multiplier` times as often as the rest (0: never). `later` trains the noisy steps
+    # where layout (size, place) is decided; `none` draws uniformly.
+    timestep_bias_strategy: str = "none"  # none | later | earlier | range
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25  # later/earlier: the share of the timesteps biased
+    timestep_bias_begin: int = 0  # range: first biased timestep
+    timestep_bias_end: int = 1000  # range: one past the last
     # llm adapter only
     train_on_prompt: bool = False  # also put loss on prompt tokens (LMFlow's RAFT does)
 
@@ -431,6 +440,7 @@ _CHOICES = {
     "selection.strategy": ("local", "global", "local_then_global"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
+    "train.timestep_bias_strategy": ("none", "later", "earlier", "range"),
 }
 
 
@@ -484,6 +494,10 @@ def validate(c: Config) -> None:
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas must be two numbers in [0, 1)")
     _check(t.snr_gamma >= 0, f"train.snr_gamma must be >= 0, got {t.snr_gamma}")
     _check(0.0 <= t.caption_dropout < 1.0, f"train.caption_dropout must be in [0, 1), got {t.caption_dropout}")
+    _check(t.timestep_bias_multiplier >= 0, f"train.timestep_bias_multiplier must be >= 0, got {t.timestep_bias_multiplier}")
+    _check(0.0 < t.timestep_bias_portion <= 1.0, f"train.timestep_bias_portion must be in (0, 1], got {t.timestep_bias_portion}")
+    _check(0 <= t.timestep_bias_begin < t.timestep_bias_end,
+           f"train.timestep_bias_begin must be >= 0 and below timestep_bias_end, got {t.timestep_bias_begin} and {t.timestep_bias_end}")
     _check(0.0 <= t.lr_min_ratio <= 1.0, f"train.lr_min_ratio must be in [0, 1], got {t.lr_min_ratio}")
     r = c.replay
     _check(r.stages >= 0, f"replay.stages must be >= 0, got {r.stages}")
