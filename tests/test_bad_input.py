@@ -77,6 +77,7 @@ CASES = [
     ("model-not-a-pipeline", lambda t: [f"model.pretrained={(t / 'empty').mkdir() or t / 'empty'}"], "empty"),
     ("model-missing", ["model.pretrained=/nonexistent/sd-folder"], "/nonexistent/sd-folder"),
     ("lora-from-another-model", lambda t: [f"model.init_lora={_other_lora(t)}"], "foreign_lora"),
+    ("lora-targets-not-in-the-model", ["model.lora.targets=[to_q,c_attn]"], "model.lora.targets: c_attn match no module"),
     ("unknown-reward", ["rewards=[{name: aesthetik}]"], "aesthetik"),
     ("reward-not-importable", ["rewards=[{target: 'no_such_module:score'}]"], "no_such_module"),
     ("reward-not-callable", ["rewards=[{target: 'tests.plugins:not_callable'}]"], "not callable"),

@@ -34,6 +34,20 @@ def test_prompt_split_holds_out_combinations():
         world.sample_scenes(1, 0, "test")
 
 
+def test_validation_split_is_to_fitting_what_held_out_is_to_training():
+    from raft_diffusion.core.prompts import builtin_prompts
+
+    fit, val = builtin_prompts("demo_fit"), builtin_prompts("demo_val")
+    assert len(fit) == 60 and len(val) == 24 and sorted(fit + val) == sorted(world.train_prompts())
+    parsed_fit = [world.parse_caption(p) for p in fit]
+    parsed_val = [world.parse_caption(p) for p in val]
+    # one validation background per (colour, shape) pair, whose other training backgrounds stay to fit on
+    assert sorted((c, s) for c, s, _ in parsed_val) == sorted((c, s) for c in world.COLOURS for s in world.SHAPES)
+    assert {(c, s) for c, s, _ in parsed_fit} == {(c, s) for c, s, _ in parsed_val}
+    assert {p[2] for p in parsed_val} == set(world.BACKGROUNDS)
+    assert not set(val) & set(world.eval_prompts())
+
+
 def test_gold_alignment_is_perfect_on_renders_and_catches_mismatches():
     scenes = world.sample_scenes(400, seed=11, split="all")
     images = world.render_many(scenes)

@@ -193,6 +193,23 @@ def test_guided_loss_is_the_loss_of_the_guided_prediction(tiny_sd):
         assert adapter.denoising_loss(lat, embeds, noise, timesteps).item() < 0.95 * guided  # it trains that loss
 
 
+def test_fused_sampling_draws_the_same_images_and_leaves_the_weights_alone(tiny_sd):
+    conv_lora = {"lora": {"targets": ["to_q", "to_v", "conv1", "conv2"], "text_encoder": True}}
+    adapter = make_adapter(tiny_sd, model=conv_lora)
+    prompts, seeds = ["a cat", "a dog"], [5, 6, 7, 8]
+    adapter.finetune(adapter.generate(prompts, 2, seeds))
+    weights = {n: p.detach().clone() for m in adapter.train_modules for n, p in m.named_parameters()}
+    fused = adapter.generate(prompts, 2, seeds)
+    adapter.config.sampling.fuse_lora = False
+    plain = adapter.generate(prompts, 2, seeds)
+    assert (latents(fused) - latents(plain)).abs().max() > 0  # folded: another order of the same sums ...
+    torch.testing.assert_close(latents(fused), latents(plain), atol=1e-4, rtol=1e-4)  # ... the same images
+    after = {n: p for m in adapter.train_modules for n, p in m.named_parameters()}
+    assert after.keys() == weights.keys() and all(torch.equal(after[n], weights[n]) for n in weights)
+    adapter.config.sampling.fuse_lora = True
+    assert torch.equal(latents(adapter.generate(prompts, 2, seeds)), latents(fused))  # the LoRA layers are back on
+
+
 def test_timestep_bias_draws_the_noise_levels_it_names(tiny_sd):
     def drawn(**train):
         adapter = make_adapter(tiny_sd, train=train)

@@ -57,7 +57,7 @@ def environment(markers: Path) -> dict:
 def llm_command(lm: str, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "raft_diffusion.cli", "train",
-        "model.kind=llm", f"model.pretrained={lm}", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.dropout=0.1",
+        "model.kind=llm", f"model.pretrained={lm}", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.dropout=0.1", "model.lora.targets=[]",
         f"run.output_dir={out}", "run.name=kill", "run.stages=3", "run.save_images=false",
         "sampling.k=4", "sampling.prompts_per_stage=3", "sampling.max_new_tokens=6",
         "train.steps_per_stage=3", "train.batch_size=2", "train.grad_accum=2", "train.lr=0.01",

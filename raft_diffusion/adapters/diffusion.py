@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raft_diffusion.adapters.training import CheckpointMismatchError, Finetuner
+from raft_diffusion.adapters.training import CheckpointMismatchError, Finetuner, check_lora_targets
 from raft_diffusion.core import progress
 from raft_diffusion.core.protocols import Candidate
 from raft_diffusion.adapters.diffusion_utils import (  # noqa: F401  (errors re-exported for callers)
@@ -153,6 +153,8 @@ class DiffusionAdapter:
         with torch.random.fork_rng(devices=[]):  # seeded initialisation that leaves the global RNG alone
             torch.manual_seed(self.config.run.seed)
             if not m.init_lora:
+                if lora.targets:
+                    check_lora_targets(self.unet, lora.targets, "the UNet")
                 self.unet.add_adapter(peft_config(lora.targets or UNET_LORA_TARGETS))
             for name, encoder in zip(self.family.text_encoder_names, self.text_encoders):
                 if text_encoder and not lora_parameters(encoder):
@@ -253,6 +255,11 @@ class DiffusionAdapter:
         n = len(prompts) * k
         if len(seeds) != n:
             raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts x k={k} candidates (need {n})")
+        with self.lora_fused():
+            return self._generate(prompts, k, seeds)
+
+    def _generate(self, prompts: list[str], k: int, seeds: list[int]) -> list[Candidate]:
+        n = len(prompts) * k
         s = self.config.sampling
         # 1. Encode each distinct prompt once, and the negative prompt, in one text-encoder call;
         # the size ids (SDXL) are the same for every candidate.
@@ -438,6 +445,42 @@ class DiffusionAdapter:
                 base_lp.append(lp.cpu())
         sampled_lp = torch.stack([c.payload["log_prob"] for c in candidates])
         return (sampled_lp - torch.cat(base_lp)).float()
+
+    @contextmanager
+    def lora_fused(self):
+        """The LoRA folded into the weights it adapts (UNet and text encoders), for sampling.
+
+        The sum is the one peft's ``merge`` (behind diffusers' ``fuse_lora``) makes, ``W + delta``, but
+        into a new tensor with the adapter layers bypassed: afterwards the original tensors are put
+        back untouched, where ``unmerge`` would subtract in floating point and drift from the base
+        weights stage after stage.
+        """
+        from diffusers.utils.peft_utils import set_adapter_layers
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for module in self.train_modules for m in module.modules() if isinstance(m, LoraLayer)]
+        if not self.config.sampling.fuse_lora or not layers:
+            yield
+            return
+        originals = []
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                originals.append(base.weight.data)
+                fused = base.weight.data
+                for name in layer.active_adapters:
+                    if name in layer.lora_A:
+                        fused = fused + layer.get_delta_weight(name).to(fused.dtype)
+                base.weight.data = fused
+        for module in self.train_modules:
+            set_adapter_layers(module, enabled=False)
+        try:
+            yield
+        finally:
+            for layer, weight in zip(layers, originals):
+                layer.get_base_layer().weight.data = weight
+            for module in self.train_modules:
+                set_adapter_layers(module, enabled=True)
 
     @contextmanager
     def lora_disabled(self):

@@ -34,7 +34,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from raft_diffusion.adapters.training import Finetuner
+from raft_diffusion.adapters.training import Finetuner, check_lora_targets
 from raft_diffusion.core import progress
 from raft_diffusion.core.protocols import Candidate
 from raft_diffusion.assets import resolve
@@ -206,6 +206,8 @@ class LLMAdapter:
                 if not Path(path).is_dir():
                     raise ModelNotFoundError(f"model.init_lora: folder {path} does not exist")
                 return PeftModel.from_pretrained(model, path, is_trainable=True)
+            if m.lora.targets:
+                check_lora_targets(model, m.lora.targets, f"the language model {m.pretrained!r}")
             targets = list(m.lora.targets) or _peft_default_targets(model)
             lora = LoraConfig(
                 r=m.lora.rank,

@@ -40,6 +40,18 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint written with another trainable configuration (one-line message)."""
 
 
+def check_lora_targets(model: torch.nn.Module, targets: list[str], what: str) -> None:
+    """Refuse ``model.lora.targets`` names that match no module of ``model`` in one line (peft
+    would raise deep in its injection); a name matches a module path equal to it or ending in it."""
+    from raft_diffusion.core.config import ConfigError
+
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ConfigError(f"model.lora.targets: {', '.join(missing)} match no module of {what} "
+                          f"(name its layers, or [] for the adapter's default)")
+
+
 def lr_factor(schedule: str, step: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier after ``step`` of ``total`` optimizer steps of the run."""
     if schedule == "constant" or total <= 0:

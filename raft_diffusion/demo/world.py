@@ -129,6 +129,31 @@ def train_prompts() -> list[str]:
     return [make_caption(*c) for c in _combos()[0]]
 
 
+def _validation_backgrounds() -> set[tuple[str, str, str]]:
+    """One more background per (colour, shape) pair, taken from the training triples the same way
+    the held-out ones are, so that a validation split is to the rest what held-out is to training."""
+    val = set()
+    train = set(_combos()[0])
+    for i, colour in enumerate(COLOURS):
+        for j, shape in enumerate(SHAPES):
+            backgrounds = [b for b in BACKGROUNDS if b != colour and (colour, shape, b) in train]
+            val.add((colour, shape, backgrounds[(i + 2 * j + 1) % len(backgrounds)]))
+    return val
+
+
+def fit_prompts() -> list[str]:
+    """The training captions less the validation split (60): train on these while tuning."""
+    val = _validation_backgrounds()
+    return [make_caption(*c) for c in _combos()[0] if c not in val]
+
+
+def val_prompts() -> list[str]:
+    """Validation captions (24), training captions whose triples :func:`fit_prompts` lacks: tune
+    on these, never on the held-out ones."""
+    val = _validation_backgrounds()
+    return [make_caption(*c) for c in _combos()[0] if c in val]
+
+
 def eval_prompts() -> list[str]:
     """Held-out captions (24): combinations of colour, shape and background absent from training."""
     return [make_caption(*c) for c in _combos()[1]]
