@@ -210,6 +210,15 @@ def test_fused_sampling_draws_the_same_images_and_leaves_the_weights_alone(tiny_
     assert torch.equal(latents(adapter.generate(prompts, 2, seeds)), latents(fused))  # the LoRA layers are back on
 
 
+def test_half_precision_weights_sample_unfused(tiny_sd):
+    adapter = make_adapter(tiny_sd, model={"dtype": "bfloat16", "lora": {"targets": ["to_q", "conv1"]}})
+    prompts, seeds = ["a cat"], [5, 6]
+    adapter.finetune(adapter.generate(prompts, 2, seeds))
+    fused = adapter.generate(prompts, 2, seeds)
+    adapter.config.sampling.fuse_lora = False
+    assert torch.equal(latents(adapter.generate(prompts, 2, seeds)), latents(fused))  # the LoRA layers ran both times
+
+
 def test_timestep_bias_draws_the_noise_levels_it_names(tiny_sd):
     def drawn(**train):
         adapter = make_adapter(tiny_sd, train=train)

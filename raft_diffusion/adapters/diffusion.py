@@ -448,7 +448,7 @@ class DiffusionAdapter:
 
     @contextmanager
     def lora_fused(self):
-        """The LoRA folded into the weights it adapts (UNet and text encoders), for sampling.
+        """The LoRA folded into the float32 weights it adapts (UNet and text encoders), for sampling.
 
         The sum is the one peft's ``merge`` (behind diffusers' ``fuse_lora``) makes, ``W + delta``, but
         into a new tensor with the adapter layers bypassed: afterwards the original tensors are put
@@ -459,7 +459,9 @@ class DiffusionAdapter:
         from peft.tuners.lora import LoraLayer
 
         layers = [m for module in self.train_modules for m in module.modules() if isinstance(m, LoraLayer)]
-        if not self.config.sampling.fuse_lora or not layers:
+        # In 16-bit weights the sum would round small LoRA updates away: sample unfused there.
+        full_precision = all(layer.get_base_layer().weight.dtype == torch.float32 for layer in layers)
+        if not self.config.sampling.fuse_lora or not layers or not full_precision:
             yield
             return
         originals = []

@@ -80,8 +80,9 @@ class SamplingConfig:
     width: Optional[int] = None
     negative_prompt: str = ""
     compile: bool = False  # torch.compile the UNet for sampling (static shapes)
-    fuse_lora: bool = True  # sample with the LoRA folded into the weights, as diffusers' fuse_lora does
-    # (faster, most of all with LoRA on convolutions; costs a copy of the targeted weights while sampling)
+    fuse_lora: bool = True  # sample with the LoRA folded into float32 weights, as diffusers' fuse_lora does
+    # (faster, most of all with LoRA on convolutions; costs a copy of the targeted weights while sampling;
+    # 16-bit weights always sample unfused: the sum would round small LoRA updates away)
     # llm adapter only
     temperature: float = 1.0  # the paper's lambda
     top_p: float = 1.0
