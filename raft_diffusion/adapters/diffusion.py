@@ -631,6 +631,8 @@ def timestep_weights(train, num_timesteps: int) -> torch.Tensor | None:
     The semantics of diffusers' SDXL text-to-image training script (``--timestep_bias_strategy``),
     whose helper lives in its examples, not in the library.
     """
+    from raft_diffusion.core.config import ConfigError
+
     strategy = train.timestep_bias_strategy
     if strategy == "none" or train.timestep_bias_multiplier == 1.0:
         return None
@@ -638,14 +640,14 @@ def timestep_weights(train, num_timesteps: int) -> torch.Tensor | None:
     if strategy == "range":
         begin, end = train.timestep_bias_begin, min(train.timestep_bias_end, num_timesteps)
         if begin >= end:
-            raise ValueError(f"train.timestep_bias_begin {begin} is not below the model's {num_timesteps} timesteps")
+            raise ConfigError(f"train.timestep_bias_begin {begin} is not below the model's {num_timesteps} timesteps")
         biased = slice(begin, end)
     else:
         n = max(1, int(train.timestep_bias_portion * num_timesteps))
         biased = slice(num_timesteps - n, None) if strategy == "later" else slice(0, n)
     weights[biased] *= train.timestep_bias_multiplier
     if weights.sum() == 0:
-        raise ValueError("train.timestep_bias_*: every timestep has weight 0")
+        raise ConfigError("train.timestep_bias_*: every timestep has weight 0 (a multiplier of 0 over all of them)")
     return weights / weights.sum()
 
 

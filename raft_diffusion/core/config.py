@@ -119,8 +119,9 @@ class TrainConfig:
     guided_loss: bool = False  # the loss on the guided prediction sampling uses (uncond + w * (cond - uncond)), as DDPO trains; twice the UNet passes
     # Which noise levels fine-tuning draws, as diffusers' SDXL training script biases them: a share of
     # the timesteps (the noisiest with `later`, the cleanest with `earlier`, [begin, end) with `range`)
-    # is drawn `multiplier` times as often as the rest (0: never). `later` trains the noisy steps
-    # where layout (size, place) is decided; `none` draws uniformly.
+    # is drawn `multiplier` times as often as the rest (0: never; the demo leaves out the cleanest
+    # three quarters with `earlier`, 0.75, 0: it trains only where size and layout are decided);
+    # `none` draws uniformly.
     timestep_bias_strategy: str = "none"  # none | later | earlier | range
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25  # later/earlier: the share of the timesteps biased
