@@ -21,9 +21,12 @@ EXIT_INTERRUPTED = 130
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def default_config_path() -> Path:
-    """``configs/demo.yaml``: the checkout's copy when run from one, else the packaged copy."""
-    return PACKAGED_CONFIGS / "demo.yaml"
+def default_config_path(overrides: list[str] = ()) -> Path:
+    """The packaged offline demo of the adapter the overrides name: ``configs/llm_demo.yaml`` for
+    ``model.kind=llm`` (the image demo's LoRA targets name no layer of a language model), else
+    ``configs/demo.yaml``."""
+    kinds = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "model.kind"]
+    return PACKAGED_CONFIGS / ("llm_demo.yaml" if kinds and kinds[-1] == "llm" else "demo.yaml")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -72,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raft_diffusion.core.config import load_config
     from raft_diffusion.core.loop import RunInterrupted
 
-    config_path = args.config or default_config_path()
+    config_path = args.config or default_config_path(args.overrides)
     config = load_config(config_path, args.overrides)
     from raft_diffusion.train import train
 
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="run RAFT stages (default config: the offline demo)")
-    train.add_argument("--config", "-c", help="YAML config (default: the packaged configs/demo.yaml)")
+    train.add_argument("--config", "-c", help="YAML config (default: the packaged configs/demo.yaml, or configs/llm_demo.yaml with model.kind=llm)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. run.stages=3 sampling.k=8")
     train.add_argument("--resume", action="store_true", help="continue after the last complete stage")
     train.add_argument("--overwrite", action="store_true", help="move an existing run aside and start over")

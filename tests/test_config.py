@@ -39,6 +39,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         (["train.timestep_bias_strategy=sooner"], "train.timestep_bias_strategy: 'sooner' is not one of"),
         (["train.timestep_bias_multiplier=-1"], "train.timestep_bias_multiplier must be >= 0"),
         (["train.timestep_bias_begin=500", "train.timestep_bias_end=500"], "train.timestep_bias_begin must be"),
+        (["train.ema_decay=1"], "train.ema_decay must be in [0, 1)"),
         (["rewards=[{nam: aesthetic}]"], "unknown config key 'rewards[0].nam'"),
         (["rewards=[{weight: 2}]"], "needs 'name'"),
         (["sampling.height=30"], "multiple of 8"),
@@ -157,3 +158,12 @@ def test_every_shipped_config_loads_and_its_guard_names_logged_metrics(path):
     logged = {"eval_reward", *(f"eval_{m['name']}" for m in config.eval.metrics)}
     for name in [config.guard.metric, *config.guard.watch]:
         assert not name or name in logged, f"{path.name}: guard names {name}, which the run does not log"
+
+
+def test_the_default_config_follows_the_adapter_kind():
+    from raft_diffusion.cli import default_config_path
+
+    for overrides, kind in (([], "diffusion"), (["run.stages=2"], "diffusion"), (["model.kind=llm"], "llm"),
+                            (["model.kind = llm", "run.seed=1"], "llm"), (["model.kind=llm", "model.kind=diffusion"], "diffusion")):
+        path = default_config_path(overrides)
+        assert load_config(path).model.kind == kind, (overrides, path)

@@ -239,9 +239,10 @@ def test_timestep_bias_draws_the_noise_levels_it_names(tiny_sd):
 
 def test_save_load_resumes_bit_for_bit(tiny_sd, tmp_path):
     # Every random consumer on: caption dropout, LoRA dropout (global RNG), min-SNR, accumulation,
-    # biased timesteps.
+    # biased timesteps; and the moving average.
     sections = dict(model={"lora": {"dropout": 0.1}}, train={"snr_gamma": 5.0, "caption_dropout": 0.5, "grad_accum": 2, "steps_per_stage": 3,
-                                                             "timestep_bias_strategy": "later", "timestep_bias_multiplier": 2.0})
+                                                             "timestep_bias_strategy": "later", "timestep_bias_multiplier": 2.0,
+                                                             "ema_decay": 0.9})
 
     torch.manual_seed(0)
     straight = make_adapter(tiny_sd, **sections)
@@ -255,7 +256,8 @@ def test_save_load_resumes_bit_for_bit(tiny_sd, tmp_path):
     first.finetune(chosen)
     first.save(tmp_path / "ckpt")
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {
-        "trainable.safetensors", "optimizer.bin", "random_states_0.pkl", "finetuner.json", "train_generator.safetensors"}
+        "trainable.safetensors", "optimizer.bin", "random_states_0.pkl", "finetuner.json", "train_generator.safetensors",
+        "ema.safetensors"}
 
     torch.manual_seed(99)  # the restored RNG, not this, must drive the second stage
     resumed = make_adapter(tiny_sd, **sections)
@@ -266,6 +268,9 @@ def test_save_load_resumes_bit_for_bit(tiny_sd, tmp_path):
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert not all(torch.equal(expected[k], first.lora_state_dict()[k]) for k in expected)  # stage 2 did train
+    with straight.finetuner.averaged(), resumed.finetuner.averaged():
+        expected, got = straight.lora_state_dict(), resumed.lora_state_dict()
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +323,32 @@ def test_export_loads_in_a_stock_pipeline_with_the_same_images(tiny_sd, tmp_path
     written = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.int16) for f in files])
     assert np.array_equal(written, pixels(ours))
     assert Image.open(tmp_path / "out" / "grid.png").size == (32, 32)
+
+
+def test_moving_average_samples_and_exports(tiny_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    adapter = make_adapter(tiny_sd, train={"ema_decay": 0.5})
+    prompts, seeds = ["a cat", "a dog"], [5, 6, 7, 8]
+    chosen = adapter.generate(prompts, 2, seeds)
+    for _ in range(2):
+        adapter.finetune(chosen)
+    averaged = adapter.generate(prompts, 2, seeds)
+    with adapter.finetuner.averaged():
+        average = {k: v.clone() for k, v in adapter.lora_state_dict().items()}
+    ema, adapter.finetuner.ema = adapter.finetuner.ema, None
+    trained = adapter.generate(prompts, 2, seeds)  # the trained weights themselves
+    adapter.finetuner.ema = ema
+    assert (latents(averaged) - latents(trained)).abs().max() > 1e-3
+
+    adapter.export(tmp_path / "lora")
+    assert not all(torch.equal(a, b) for a, b in zip(average.values(), adapter.lora_state_dict().values()))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    load_lora_collecting_messages(pipe, tmp_path / "lora")
+    stock = pipe(prompts, num_images_per_prompt=2, num_inference_steps=4, guidance_scale=2.0, output_type="latent",
+                 generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    torch.testing.assert_close(stock, latents(averaged), atol=1e-5, rtol=1e-5)  # the average is what is exported
 
 
 # ---------------------------------------------------------------------------------------------

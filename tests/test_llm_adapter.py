@@ -232,6 +232,23 @@ def test_export_reloads_and_generates_the_same(lm_dir, tmp_path):
         assert torch.allclose(reloaded(ids).logits, full.model(ids).logits, atol=1e-5)
 
 
+def test_moving_average_is_what_samples_and_exports(lm_dir, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    adapter = make_adapter(make_config(lm_dir, train={"ema_decay": 0.5, "lr": 1e-2}))
+    for stage in range(2):
+        adapter.finetune(adapter.generate(PROMPTS, 2, seeds_for(6, offset=100 * stage)))
+    adapter.export(tmp_path / "lora")
+    ids = torch.tensor([adapter.tokenizer("the movie was good and")["input_ids"]])
+    with torch.no_grad():
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "lora")).eval()(ids).logits
+        trained = adapter.model(ids).logits
+        with adapter.finetuner.averaged():
+            averaged = adapter.model(ids).logits
+    assert not torch.allclose(trained, averaged, atol=1e-4)
+    assert torch.allclose(reloaded, averaged, atol=1e-5)
+
+
 def test_chat_template_is_applied(lm_dir, tmp_path):
     tokenizer = make_tokenizer()
     tokenizer.chat_template = (

@@ -82,3 +82,59 @@ def test_save_load_is_bit_exact(tmp_path):
     assert got.keys() == expected.keys() == {"net.2.weight", "net.2.bias"}
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+
+
+def test_moving_average_is_what_averaged_shows_and_the_trained_weights_come_back():
+    cfg = config(steps_per_stage=1, ema_decay=0.6)
+    finetuner, module = make(cfg)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    average = [p.detach().clone() for p in trained]
+    frozen = module[0].weight.detach().clone()
+    for step in range(6):
+        torch.manual_seed(step)
+        stage(finetuner, module)
+        decay = min(0.6, (1 + step) / (10 + step))  # EMAModel's warm-up: the average starts short
+        average = [decay * a + (1 - decay) * p.detach() for a, p in zip(average, trained)]
+    now = [p.detach().clone() for p in trained]
+    with finetuner.averaged():
+        for p, a, n in zip(trained, average, now):
+            torch.testing.assert_close(p.detach(), a)
+            assert not torch.equal(p.detach(), n)
+        assert torch.equal(module[0].weight, frozen)
+    assert all(torch.equal(p.detach(), n) for p, n in zip(trained, now))  # exactly the trained weights again
+
+
+def test_save_load_keeps_the_moving_average(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    cfg = config(ema_decay=0.8)
+    straight, module = make(cfg)
+    torch.manual_seed(5)
+    stage(straight, module)
+    stage(straight, module)
+    with straight.averaged():
+        expected = straight.trainable_state()
+    reset()
+    first, module1 = make(cfg)
+    torch.manual_seed(5)
+    stage(first, module1)
+    first.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "ema.safetensors").is_file()
+    reset()
+    resumed, module2 = make(cfg)
+    resumed.load(tmp_path / "ckpt")
+    stage(resumed, module2)
+    with resumed.averaged():
+        got = resumed.trainable_state()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    reset()
+    plain, _ = make(config())
+    plain.save(tmp_path / "plain")
+    reset()
+    with pytest.raises(ValueError, match="no moving average"):
+        make(cfg)[0].load(tmp_path / "plain")

@@ -255,7 +255,7 @@ class DiffusionAdapter:
         n = len(prompts) * k
         if len(seeds) != n:
             raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts x k={k} candidates (need {n})")
-        with self.lora_fused():
+        with self.finetuner.averaged(), self.lora_fused():
             return self._generate(prompts, k, seeds)
 
     def _generate(self, prompts: list[str], k: int, seeds: list[int]) -> list[Candidate]:
@@ -619,10 +619,11 @@ class DiffusionAdapter:
         if not self.accelerator.is_main_process:
             return
         kwargs = {}  # save_lora_weights' own keywords: unet_/text_encoder_/text_encoder_2_lora_layers, ..._adapter_metadata
-        for name, module in zip(self.train_names, self.train_modules):
-            kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-            kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
-        type(self.pipe).save_lora_weights(str(path), **kwargs)
+        with self.finetuner.averaged():  # the state dicts are views of the weights: save inside
+            for name, module in zip(self.train_names, self.train_modules):
+                kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+                kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+            type(self.pipe).save_lora_weights(str(path), **kwargs)
 
 
 def timestep_weights(train, num_timesteps: int) -> torch.Tensor | None:

@@ -286,6 +286,10 @@ class LLMAdapter:
         """``k`` sampled responses per prompt, grouped by prompt; candidate ``i * k + j`` uses ``seeds[i * k + j]``."""
         if len(seeds) != len(prompts) * k:
             raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts x k={k}")
+        with self.finetuner.averaged():
+            return self._generate(prompts, k, seeds)
+
+    def _generate(self, prompts: list[str], k: int, seeds: list[int]) -> list[Candidate]:
         s = self.config.sampling
         prompt_ids = [self.encode_prompt(p) for p in prompts]
         jobs = [(i, j) for i in range(len(prompts)) for j in range(k)]
@@ -380,7 +384,8 @@ class LLMAdapter:
         if not candidates:
             return torch.zeros(0)
         self.model.eval()
-        policy = self._response_logprobs(self.model, candidates)
+        with self.finetuner.averaged():  # the policy that sampled them
+            policy = self._response_logprobs(self.model, candidates)
         with self._reference() as reference:
             base = self._response_logprobs(reference, candidates)
         return (policy - base).float()
@@ -399,5 +404,6 @@ class LLMAdapter:
         if self.accelerator.is_main_process:
             path = Path(path)
             path.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(str(path))
+            with self.finetuner.averaged():
+                self.model.save_pretrained(str(path))
             self.tokenizer.save_pretrained(str(path))

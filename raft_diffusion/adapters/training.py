@@ -10,12 +10,17 @@ Several processes: every process holds all chosen candidates and the same genera
 global micro-batch (``train.batch_size`` per process) and trains on its own slice of it, so N
 processes compute what one process computes with an N times larger batch.
 
+With ``train.ema_decay`` the finetuner also keeps diffusers' ``EMAModel`` of the trainable weights;
+the adapters sample, evaluate and export inside :meth:`Finetuner.averaged`, so the model RAFT draws
+candidates from, the one it reports and the one it exports are the same average.
+
 Checkpoints go through ``accelerator.save_state``/``load_state`` (optimizer, grad scaler, the
 global RNGs of every process, the accumulation step), with hooks that write only the trainable
-tensors, as diffusers' LoRA training examples do. Two things are kept apart from accelerate, and
-written safely (safetensors / JSON): the training generator, because accelerate reads registered
-objects back with ``weights_only=False``; and the learning-rate schedule, because a scheduler
-prepared by accelerate steps once per process and would run N times faster on N processes.
+tensors, as diffusers' LoRA training examples do. Three things are kept apart from accelerate, and
+written safely (safetensors / JSON): the training generator and the moving average, because
+accelerate reads registered objects back with ``weights_only=False``; and the learning-rate
+schedule, because a scheduler prepared by accelerate steps once per process and would run N times
+faster on N processes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +40,7 @@ from raft_diffusion.core import progress
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "finetuner.json"
 GENERATOR_FILE = "train_generator.safetensors"
+EMA_FILE = "ema.safetensors"
 
 
 class CheckpointMismatchError(ValueError):
@@ -81,6 +88,11 @@ class Finetuner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer, lambda step: lr_factor(t.lr_schedule, step, total, t.lr_min_ratio))
         self.generator = torch.Generator().manual_seed(seed)
+        self.ema = None
+        if t.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=t.ema_decay)
         accelerator.register_save_state_pre_hook(self._save_trainable)
         accelerator.register_load_state_pre_hook(self._load_trainable)
 
@@ -120,6 +132,8 @@ class Finetuner:
                 self.optimizer.step()
                 if acc.sync_gradients:
                     self.scheduler.step()
+                    if self.ema is not None:
+                        self.ema.step(self.params)
                 self.optimizer.zero_grad(set_to_none=True)
             loss_sum = loss_sum + loss.detach()
             if (m + 1) % t.grad_accum == 0:
@@ -145,7 +159,25 @@ class Finetuner:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
 
+    @contextmanager
+    def averaged(self):
+        """Inside the block the trainable weights are their moving average (``train.ema_decay``);
+        the trained weights are put back exactly afterwards. Without an average: the weights as they are."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
     # -- checkpoints -------------------------------------------------------------------------
+
+    def _trainable_names(self) -> list[str]:
+        return [f"{prefix}.{name}" for prefix, module in self.modules.items()
+                for name, p in module.named_parameters() if p.requires_grad]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors, keyed ``<module name>.<parameter name>`` (float32 copies on the CPU)."""
@@ -185,7 +217,12 @@ class Finetuner:
         self.accelerator.save_state(str(path))
         if self.accelerator.is_main_process:
             save_file({"state": self.generator.get_state()}, str(path / GENERATOR_FILE))
-            (path / STATE_FILE).write_text(json.dumps({"scheduler": _jsonable(self.scheduler.state_dict())}))
+            state = {"scheduler": _jsonable(self.scheduler.state_dict())}
+            if self.ema is not None:
+                save_file({name: p.detach().cpu().contiguous() for name, p in zip(self._trainable_names(), self.ema.shadow_params)},
+                          str(path / EMA_FILE))
+                state["ema_step"] = self.ema.optimization_step
+            (path / STATE_FILE).write_text(json.dumps(state))
         self.accelerator.wait_for_everyone()
 
     def load(self, path: str | Path) -> None:
@@ -194,7 +231,16 @@ class Finetuner:
         path = Path(path)
         self.accelerator.load_state(str(path))
         self.generator.set_state(load_file(str(path / GENERATOR_FILE))["state"])
-        self.scheduler.load_state_dict(json.loads((path / STATE_FILE).read_text())["scheduler"])
+        state = json.loads((path / STATE_FILE).read_text())
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if not (path / EMA_FILE).is_file():
+                raise CheckpointMismatchError(f"checkpoint {path} has no moving average (it was saved with train.ema_decay 0)")
+            shadow = load_file(str(path / EMA_FILE))
+            with torch.no_grad():
+                for name, s_param in zip(self._trainable_names(), self.ema.shadow_params):
+                    s_param.copy_(shadow[name])
+            self.ema.optimization_step = state["ema_step"]
 
 
 def _jsonable(value):

@@ -113,6 +113,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     lr_schedule: str = "constant"  # constant | cosine | linear: the learning rate over the run's optimizer steps
     lr_min_ratio: float = 0.1  # cosine/linear: the last step's learning rate as a fraction of train.lr
+    # Sample, evaluate, checkpoint and export an exponential moving average of the trainable weights,
+    # updated after every optimizer step (diffusers' EMAModel, with its warm-up); 0: off.
+    ema_decay: float = 0.0
     # diffusion adapter only
     snr_gamma: float = 0.0  # min-SNR weighting gamma (0: off; 5 is the usual value)
     caption_dropout: float = 0.0  # probability of training a sample on the empty prompt (keeps CFG working)
@@ -497,6 +500,7 @@ def validate(c: Config) -> None:
     _check(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas must be two numbers in [0, 1)")
     _check(t.snr_gamma >= 0, f"train.snr_gamma must be >= 0, got {t.snr_gamma}")
+    _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _check(0.0 <= t.caption_dropout < 1.0, f"train.caption_dropout must be in [0, 1), got {t.caption_dropout}")
     _check(t.timestep_bias_multiplier >= 0, f"train.timestep_bias_multiplier must be >= 0, got {t.timestep_bias_multiplier}")
     _check(0.0 < t.timestep_bias_portion <= 1.0, f"train.timestep_bias_portion must be in (0, 1], got {t.timestep_bias_portion}")
