@@ -23,18 +23,18 @@ def one_and_two_processes(tmp_path, common, one_batch, port):
     with half of it; return the two run folders."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
-        [sys.executable, "-m", "raft_diffusion.cli", "train", *common, f"run.output_dir={tmp_path / 'one'}", f"train.batch_size={one_batch}"],
+        [sys.executable, "-m", "raft_diffusion.cli", "train", *common, "run.name=run", f"run.output_dir={tmp_path / 'one'}", f"train.batch_size={one_batch}"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert one.returncode == 0, one.stderr[-2000:]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
     two = subprocess.run(
-        [*launcher, str(ROOT / "scripts" / "train.py"), *common, f"run.output_dir={tmp_path / 'two'}", f"train.batch_size={one_batch // 2}"],
+        [*launcher, str(ROOT / "scripts" / "train.py"), *common, "run.name=run", f"run.output_dir={tmp_path / 'two'}", f"train.batch_size={one_batch // 2}"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert two.returncode == 0, two.stderr[-2000:]
-    return tmp_path / "one" / "demo", tmp_path / "two" / "demo"
+    return tmp_path / "one" / "run", tmp_path / "two" / "run"
 
 
 def assert_same_run(one: Path, two: Path, weights_file: str, trained_key: str) -> None:
