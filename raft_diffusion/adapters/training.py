@@ -175,14 +175,14 @@ class Finetuner:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _trainable_names(self) -> list[str]:
-        return [f"{prefix}.{name}" for prefix, module in self.modules.items()
-                for name, p in module.named_parameters() if p.requires_grad]
+    def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable parameters keyed ``<module name>.<parameter name>``, in the order of :attr:`params`."""
+        return {f"{prefix}.{name}": p for prefix, module in self.modules.items()
+                for name, p in module.named_parameters() if p.requires_grad}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors, keyed ``<module name>.<parameter name>`` (float32 copies on the CPU)."""
-        return {f"{prefix}.{name}": p.detach().float().cpu().contiguous()
-                for prefix, module in self.modules.items() for name, p in module.named_parameters() if p.requires_grad}
+        return {key: p.detach().float().cpu().contiguous() for key, p in self._named_trainable().items()}
 
     def _save_trainable(self, models, weights, output_dir) -> None:
         from safetensors.torch import save_file
@@ -199,8 +199,7 @@ class Finetuner:
         if not path.is_file():
             raise FileNotFoundError(f"no adapter checkpoint at {input_dir} ({TRAINABLE_FILE} missing)")
         state = load_file(str(path))
-        own = {f"{prefix}.{name}": p for prefix, module in self.modules.items()
-               for name, p in module.named_parameters() if p.requires_grad}
+        own = self._named_trainable()
         if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
             raise CheckpointMismatchError(
                 f"checkpoint {input_dir} was saved with another trainable configuration (model.lora / init_lora)")
@@ -219,7 +218,7 @@ class Finetuner:
             save_file({"state": self.generator.get_state()}, str(path / GENERATOR_FILE))
             state = {"scheduler": _jsonable(self.scheduler.state_dict())}
             if self.ema is not None:
-                save_file({name: p.detach().cpu().contiguous() for name, p in zip(self._trainable_names(), self.ema.shadow_params)},
+                save_file({name: p.detach().cpu().contiguous() for name, p in zip(self._named_trainable(), self.ema.shadow_params)},
                           str(path / EMA_FILE))
                 state["ema_step"] = self.ema.optimization_step
             (path / STATE_FILE).write_text(json.dumps(state))
@@ -238,7 +237,7 @@ class Finetuner:
                 raise CheckpointMismatchError(f"checkpoint {path} has no moving average (it was saved with train.ema_decay 0)")
             shadow = load_file(str(path / EMA_FILE))
             with torch.no_grad():
-                for name, s_param in zip(self._trainable_names(), self.ema.shadow_params):
+                for name, s_param in zip(self._named_trainable(), self.ema.shadow_params):
                     s_param.copy_(shadow[name])
             self.ema.optimization_step = state["ema_step"]
 
