@@ -123,7 +123,7 @@ class TrainConfig:
     # Which noise levels fine-tuning draws, as diffusers' SDXL training script biases them: a share of
     # the timesteps (the noisiest with `later`, the cleanest with `earlier`, [begin, end) with `range`)
     # is drawn `multiplier` times as often as the rest (0: never; the demo leaves out the cleanest
-    # three quarters with `earlier`, 0.75, 0: it trains only where size and layout are decided);
+    # seven eighths with `earlier`, 0.875, 0: it trains only where size and layout are decided);
     # `none` draws uniformly.
     timestep_bias_strategy: str = "none"  # none | later | earlier | range
     timestep_bias_multiplier: float = 1.0
