@@ -106,7 +106,7 @@ class TrainConfig:
     batch_size: int = 4  # samples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # 0: no clipping
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay; on a LoRA it pulls the model toward the base one
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     mixed_precision: str = "no"  # no | fp16 | bf16 (through accelerate)
