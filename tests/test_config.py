@@ -31,6 +31,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         (["sampling.kk=3"], "did you mean 'k'"),
         (["sampling.k=three"], "sampling.k: expected an integer"),
         (["sampling.k=0"], "sampling.k must be >= 1"),
+        (["sampling.guidance_rescale=1.5"], "sampling.guidance_rescale must be in [0, 1]"),
         (["selection.keep=0"], "selection.keep must be in (0, 1]"),
         (["selection.keep=1.5"], "selection.keep must be in (0, 1]"),
         (["run.stages=0"], "run.stages must be >= 1"),

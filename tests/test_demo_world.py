@@ -87,6 +87,16 @@ def test_gold_aesthetic_rewards_size_centring_contrast_and_cleanliness():
     assert scores.min() >= 1 and scores.max() <= 10 and scores.std() > 0.5  # samples of one world vary
     # a numpy array scores like the PIL image it came from
     assert world.gold_aesthetic([np.asarray(images["corner"])])[0] == pytest.approx(score["corner"])
+    # Each defect lowers its own term, and the terms add up to the score.
+    terms = {name: dict(zip(images, values)) for name, values in world.gold_terms(list(images.values())).items()}
+    for worse, term in (("tiny", "size"), ("huge", "size"), ("corner", "centring"), ("faded", "contrast"), ("specks", "cleanliness")):
+        assert terms[term][worse] < terms[term]["ideal"] - 0.1, (worse, term)
+        others = [t for t in world.TERMS if t != term]
+        assert all(terms[t][worse] == pytest.approx(terms[t]["ideal"], abs=0.05) for t in others), worse
+    weights = dict(size=0.35, centring=0.35, contrast=0.15, cleanliness=0.15)
+    for name, value in score.items():
+        expected = 1.0 if name == "blank" else 1 + 9 * sum(w * terms[t][name] for t, w in weights.items())
+        assert value == pytest.approx(expected), name
 
 
 def test_layout_captions_read_size_place_faintness_and_specks_off_the_pixels():

@@ -120,6 +120,22 @@ def test_samplers_match_the_stock_pipeline_and_regenerate_alone(tiny_sd, schedul
     torch.testing.assert_close(alone[0].payload["latents"], cands[3].payload["latents"], atol=1e-5, rtol=1e-5)
 
 
+def test_guidance_rescale_matches_the_stock_pipeline(tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    adapter = make_adapter(tiny_sd, sampling={"steps": 3, "guidance_rescale": 0.7})
+    cands = adapter.generate(["a cat", "a dog"], 2, [1, 2, 3, 4])
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = type(adapter.scheduler).from_config(pipe.scheduler.config)
+    generators = lambda: [torch.Generator().manual_seed(s) for s in [1, 2, 3, 4]]  # noqa: E731
+    run = lambda rescale: pipe(["a cat", "a dog"], num_images_per_prompt=2, num_inference_steps=3, guidance_scale=2.0,  # noqa: E731
+                               guidance_rescale=rescale, generator=generators(), output_type="latent").images
+    stock = run(0.7)
+    torch.testing.assert_close(latents(cands), stock, atol=1e-5, rtol=1e-5)
+    assert (stock - run(0.0)).abs().max() > 1e-3  # the rescale changes what is drawn
+
+
 def test_unknown_scheduler_is_refused_in_one_line(tiny_sd):
     with pytest.raises(ValueError) as err:
         make_adapter(tiny_sd, model={"scheduler": "fancy"})

@@ -28,7 +28,7 @@ def test_raft_moves_the_mean_toward_the_target(tmp_path):
     mus = [r["eval_reward"] for r in records]
     assert records[0]["stage"] == 0 and len(records) == 7
     assert mus[-1] > mus[0] + 1.0  # eval reward rises by a lot: the mean walked toward 3
-    assert 2.0 < float(adapter.mu) < 4.0
+    assert 2.0 < float(adapter.mu.detach()) < 4.0
 
 
 def _one_stage_shift(tmp_path, strategy, keep, k=4, prompts=3000):
@@ -45,7 +45,7 @@ def _one_stage_shift(tmp_path, strategy, keep, k=4, prompts=3000):
     )
     adapter = GaussianAdapter(mu=0.0, sigma=2.0)
     run_loop(config, adapter, reward_of(lambda xs, _p: list(xs)))  # reward = x: monotone
-    return float(adapter.mu) / adapter.sigma
+    return float(adapter.mu.detach()) / adapter.sigma
 
 
 def test_local_best_of_k_shifts_by_expected_maximum(tmp_path):
@@ -93,7 +93,7 @@ def test_kl_shaped_ranking_holds_the_policy_back(tmp_path):
         config = toy_config(tmp_path, run__stages=3, run__name=f"b{beta}", selection__beta=beta, eval__every=0)
         adapter = GaussianAdapter()
         run_loop(config, adapter, reward_of(lambda xs, _p: list(xs)))
-        shifts[beta] = float(adapter.mu)
+        shifts[beta] = float(adapter.mu.detach())
     assert shifts[2.0] < shifts[0.0] - 0.5
 
 
@@ -110,7 +110,7 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path):
     resumed = GaussianAdapter()  # a fresh process: nothing carried over but the run folder
     _, run_dir = run_loop(toy_config(tmp_path / "b", run__stages=4), resumed, reward_of(lambda xs, _p: [-abs(x - 3) for x in xs]), resume=True)
 
-    assert float(resumed.mu) == float(straight.mu)
+    assert float(resumed.mu.detach()) == float(straight.mu.detach())
     a = _strip_times(RunDir(tmp_path / "a" / "toy").read_metrics())
     b = _strip_times(run_dir.read_metrics())
     assert [r["stage"] for r in b] == [0, 1, 2, 3, 4]

@@ -49,7 +49,7 @@ def test_replay_trains_on_earlier_stages_and_the_pool_survives_a_resume(tmp_path
 
     run(cfg(tmp_path / "b", **{**options, "run__stages": 2}))
     resumed, b = run(cfg(tmp_path / "b", **options), resume=True)
-    assert float(resumed.mu) == float(straight.mu)
+    assert float(resumed.mu.detach()) == float(straight.mu.detach())
     assert _strip(b.read_metrics()) == _strip(a.read_metrics())
 
 
@@ -57,13 +57,22 @@ def test_replay_cap_keeps_the_highest_rewards(tmp_path):
     _, run_dir = run(cfg(tmp_path, run__stages=3, replay__stages=5, replay__max_samples=10))
     records = {r["stage"]: r for r in run_dir.read_metrics()}
     assert records[3]["n_trained_on"] == 10
+    # The ten best of every chosen candidate so far, by the reward each was scored with.
+    pool = json.loads((run_dir.checkpoint_dir(2) / "replay.json").read_text())
+    chosen_3 = [json.loads(line) for line in (run_dir.stages / "000003" / "chosen.jsonl").read_text().splitlines()]
+    rewards = sorted([e["reward"] for e in pool] + [c["reward"] for c in chosen_3], reverse=True)[:10]
+    assert records[3]["reward_trained_mean"] == pytest.approx(sum(rewards) / 10, rel=1e-6)
+    assert records[3]["reward_trained_mean"] > records[3]["reward_chosen_mean"]  # the pool kept better ones
+    kept_old = sum(r >= rewards[-1] for r in (e["reward"] for e in pool))
+    assert records[3]["n_replayed"] == kept_old > 0
+    assert records[1]["n_replayed"] == 0
 
 
 def test_anchors_hold_the_policy_near_where_it_started(tmp_path):
     free, _ = run(cfg(tmp_path / "free", run__stages=4))
     anchored, run_dir = run(cfg(tmp_path / "anchored", run__stages=4, replay__anchor_share=0.5, replay__anchor_samples=16))
     # Half of each stage's samples come from the start (mean 0): the MLE lands about halfway.
-    assert float(anchored.mu) < 0.75 * float(free.mu)
+    assert float(anchored.mu.detach()) < 0.75 * float(free.mu.detach())
     pool = json.loads((run_dir.checkpoint_dir(4) / "replay.json").read_text())
     assert len(pool) == 16 and all(e["anchor"] and e["stage"] == 1 for e in pool)
     records = {r["stage"]: r for r in run_dir.read_metrics()}
@@ -130,7 +139,7 @@ def test_resume_is_exact_with_every_option_on(tmp_path):
     straight, a = run(cfg(tmp_path / "a", **options))
     run(cfg(tmp_path / "b", **{**options, "run__stages": 3}))
     resumed, b = run(cfg(tmp_path / "b", **options), resume=True)
-    assert float(resumed.mu) == float(straight.mu)
+    assert float(resumed.mu.detach()) == float(straight.mu.detach())
     assert _strip(b.read_metrics()) == _strip(a.read_metrics())
     assert json.loads((a.root / "outcome.json").read_text()) == json.loads((b.root / "outcome.json").read_text())
     assert (a.final / "mu.json").read_text() == (b.final / "mu.json").read_text()

@@ -351,10 +351,17 @@ class DiffusionAdapter:
         model_input = torch.cat([latents] * 2) if self.do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t).to(self.dtype)
         noise_pred = unet(model_input, t, **unet_kwargs, return_dict=False)[0].float()
-        if self.do_cfg:
-            uncond, cond = noise_pred.chunk(2)
-            noise_pred = uncond + self.config.sampling.guidance_scale * (cond - uncond)
-        return noise_pred
+        return self._guide(*noise_pred.chunk(2)) if self.do_cfg else noise_pred
+
+    def _guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance, with ``sampling.guidance_rescale`` as the stock pipelines apply it."""
+        s = self.config.sampling
+        guided = uncond + s.guidance_scale * (cond - uncond)
+        if s.guidance_rescale > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            guided = rescale_noise_cfg(guided, cond, guidance_rescale=s.guidance_rescale)
+        return guided
 
     def _decode(self, latents: torch.Tensor) -> list:
         # The VAE's own dtype: float32 where an SDXL VAE would overflow in float16 (load_pipeline).
@@ -508,7 +515,7 @@ class DiffusionAdapter:
         text-encoder LoRA). ``drop``: bool [B], samples trained on the empty prompt (caption
         dropout). Target epsilon or v per the model's ``prediction_type``; min-SNR weighting with
         ``train.snr_gamma`` > 0. With ``train.guided_loss`` the loss is on the guided prediction
-        ``uncond + w * (cond - uncond)`` that sampling uses (``w = sampling.guidance_scale``; DDPO
+        ``uncond + w * (cond - uncond)`` that sampling uses (``w = sampling.guidance_scale``, rescaled as sampling does; DDPO
         trains its policy this way): the chosen samples were drawn under guidance, and fitting the
         conditional branch alone to them would compound guidance from stage to stage.
         """
@@ -526,8 +533,7 @@ class DiffusionAdapter:
             uncond = self._negative_embeds()
             both = self.unet_train(torch.cat([noisy] * 2).to(self.dtype), torch.cat([timesteps] * 2),
                                    **self._unet_kwargs(cond, uncond), return_dict=False)[0]
-            pred_uncond, pred_cond = both.float().chunk(2)
-            pred = pred_uncond + self.config.sampling.guidance_scale * (pred_cond - pred_uncond)
+            pred = self._guide(*both.float().chunk(2))
         else:
             pred = self.unet_train(noisy.to(self.dtype), timesteps, **self._unet_kwargs(cond), return_dict=False)[0]
         kind = sched.config.prediction_type

@@ -75,6 +75,8 @@ class SamplingConfig:
     # diffusion adapter only
     steps: int = 20  # denoising steps
     guidance_scale: float = 7.5  # classifier-free guidance (1: off, half the cost)
+    guidance_rescale: float = 0.0  # rescale the guided prediction toward the conditional one's std (0: off;
+    # Lin et al. 2023, the stock pipelines' guidance_rescale: against over-exposure, suggested 0.7)
     eta: float = 0.0  # DDIM eta (0: deterministic; > 0 needed for log_ratio)
     height: Optional[int] = None  # pixels; None: the model's default
     width: Optional[int] = None
@@ -480,6 +482,7 @@ def validate(c: Config) -> None:
     _check(s.batch_size >= 1, f"sampling.batch_size must be >= 1, got {s.batch_size}")
     _check(s.steps >= 1, f"sampling.steps must be >= 1, got {s.steps}")
     _check(s.guidance_scale >= 0, f"sampling.guidance_scale must be >= 0, got {s.guidance_scale}")
+    _check(0.0 <= s.guidance_rescale <= 1.0, f"sampling.guidance_rescale must be in [0, 1], got {s.guidance_rescale}")
     _check(0.0 <= s.eta <= 1.0, f"sampling.eta must be in [0, 1], got {s.eta}")
     for dim in ("height", "width"):
         value = getattr(s, dim)

@@ -198,7 +198,7 @@ class RaftLoop:
                 anchor_idx = self.pool.anchor_indices(len(flat), stage)
                 self.pool.add_anchors(stage, self._gather(candidates, anchor_idx, first=local.start * k),
                                       [float(flat[i]) for i in anchor_idx])
-            train_set = self.pool.training_set(stage, chosen, chosen_rewards) if self.pool.active else chosen
+            train_set, pool_stats = self.pool.training_set(stage, chosen, chosen_rewards) if self.pool.active else (chosen, {})
 
         # 5. Fine-tune on the chosen candidates (and the replayed ones) with the ordinary supervised loss.
         train_stats = {}
@@ -228,7 +228,7 @@ class RaftLoop:
             **diversity([c.output for c in candidates], k),
             **eval_record,
             **{f"train_{key}": value for key, value in train_stats.items()},
-            **({"n_trained_on": len(train_set)} if self.pool.active else {}),
+            **pool_stats,
         }
         self.guard.observe(record)
 

@@ -55,13 +55,17 @@ class ReplayPool:
     def add_anchors(self, stage: int, candidates: list[Candidate], rewards: list[float]) -> None:
         self.entries += [Entry(c, r, stage, anchor=True) for c, r in zip(candidates, rewards)]
 
-    def training_set(self, stage: int, chosen: list[Candidate], chosen_rewards: list[float]) -> list[Candidate]:
-        """This stage's chosen candidates, the replayed ones of earlier stages and the anchors."""
+    def training_set(self, stage: int, chosen: list[Candidate], chosen_rewards: list[float]) -> tuple[list[Candidate], dict]:
+        """This stage's chosen candidates, the replayed ones of earlier stages and the anchors, and
+        what they are made of: ``n_trained_on``, ``n_replayed`` (targets from earlier stages) and
+        ``reward_trained_mean`` (the mean reward of the targets, anchors left out)."""
         replayed = [e for e in self.entries if not e.anchor and stage - e.stage <= self.config.stages]
         targets = [Entry(c, r, stage) for c, r in zip(chosen, chosen_rewards)] + replayed
         if self.config.max_samples and len(targets) > self.config.max_samples:
             targets = sorted(targets, key=lambda e: -e.reward)[: self.config.max_samples]  # stable: newest first on ties
         out = [e.candidate for e in targets]
+        stats = {"n_replayed": sum(e.stage < stage for e in targets),
+                 "reward_trained_mean": float(np.mean([e.reward for e in targets]))}
         anchors = [e.candidate for e in self.entries if e.anchor]
         share = self.config.anchor_share
         if share > 0 and anchors:
@@ -69,7 +73,7 @@ class ReplayPool:
             rng = np.random.default_rng([self.seed, 0xA7C5, stage])
             picks = np.concatenate([rng.permutation(len(anchors)) for _ in range(-(-n // len(anchors)))])[:n]
             out += [anchors[int(i)] for i in picks]
-        return out
+        return out, {"n_trained_on": len(out), **stats}
 
     def update(self, stage: int, chosen: list[Candidate], chosen_rewards: list[float]) -> None:
         """Keep this stage's chosen candidates; forget what no later stage will replay."""

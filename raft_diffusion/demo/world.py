@@ -284,9 +284,12 @@ def analyze(image) -> Analysis:
     return Analysis(True, background, np.median(pixels[mask], axis=0), mask, int(foreground.sum()))
 
 
-def _aesthetic_one(a: Analysis, width: int) -> float:
+TERMS = ("size", "centring", "contrast", "cleanliness")  # the gold aesthetic score's terms, in order
+
+
+def _terms_one(a: Analysis, width: int) -> tuple[float, float, float, float] | None:
     if not a.found:
-        return 1.0
+        return None
     ys, xs = np.nonzero(a.mask)
     side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
     size = np.exp(-0.5 * ((side / width - IDEAL_SIDE) / 0.12) ** 2)
@@ -295,12 +298,28 @@ def _aesthetic_one(a: Analysis, width: int) -> float:
     centring = np.exp(-0.5 * (d / (0.25 * width)) ** 2)
     contrast = min(1.0, float(np.linalg.norm(a.foreground - a.background)) / 240)
     clean = a.mask.sum() / max(a.n_foreground, 1)
+    return size, centring, contrast, clean
+
+
+def _aesthetic_one(a: Analysis, width: int) -> float:
+    terms = _terms_one(a, width)
+    if terms is None:
+        return 1.0
+    size, centring, contrast, clean = terms
     return float(1 + 9 * (0.35 * size + 0.35 * centring + 0.15 * contrast + 0.15 * clean))
 
 
 def gold_aesthetic(images: Sequence) -> np.ndarray:
     """Gold aesthetic score in [1, 10] per image (see the module docstring for the formula)."""
     return np.array([_aesthetic_one(analyze(im), _as_array(im).shape[1]) for im in images], dtype=np.float64)
+
+
+def gold_terms(images: Sequence) -> dict[str, np.ndarray]:
+    """The four terms of the gold aesthetic score per image, each in [0, 1] (0 for an image with no
+    shape), keyed as in :data:`TERMS`: what a change of the score is made of."""
+    rows = [_terms_one(analyze(im), _as_array(im).shape[1]) or (0.0,) * 4 for im in images]
+    table = np.array(rows, dtype=np.float64).reshape(len(rows), 4)
+    return {name: table[:, i] for i, name in enumerate(TERMS)}
 
 
 @lru_cache(maxsize=None)

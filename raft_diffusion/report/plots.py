@@ -94,7 +94,8 @@ def plot_curves(records: list[dict], k: int | None = None) -> list[tuple[str, by
     if any("reward_mean" in r or "eval_reward" in r for r in records):
         fig, ax = _figure("proxy reward", "reward")
         for key, label, style in (
-            ("reward_chosen_mean", "chosen (fine-tuned on)", dict(color="tab:green", marker="o", markersize=3)),
+            ("reward_chosen_mean", "chosen", dict(color="tab:green", marker="o", markersize=3)),
+            ("reward_trained_mean", "fine-tuned on (with replay)", dict(color="tab:olive", marker="o", markersize=3)),
             ("reward_mean", "all candidates", dict(color="tab:blue", marker="o", markersize=3)),
             ("reward_policy", "policy (candidate 0)", dict(color="tab:purple", marker="o", markersize=3, alpha=0.8)),
         ):
