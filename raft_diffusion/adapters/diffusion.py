@@ -515,9 +515,10 @@ class DiffusionAdapter:
         text-encoder LoRA). ``drop``: bool [B], samples trained on the empty prompt (caption
         dropout). Target epsilon or v per the model's ``prediction_type``; min-SNR weighting with
         ``train.snr_gamma`` > 0. With ``train.guided_loss`` the loss is on the guided prediction
-        ``uncond + w * (cond - uncond)`` that sampling uses (``w = sampling.guidance_scale``, rescaled as sampling does; DDPO
-        trains its policy this way): the chosen samples were drawn under guidance, and fitting the
-        conditional branch alone to them would compound guidance from stage to stage.
+        ``uncond + w * (cond - uncond)`` that sampling uses (``w = sampling.guidance_scale``, rescaled
+        as sampling does; DDPO trains its policy this way): the chosen samples were drawn under
+        guidance, and fitting the conditional branch alone to them would compound guidance from
+        stage to stage.
         """
         from diffusers.training_utils import compute_snr
 
