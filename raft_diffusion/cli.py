@@ -40,8 +40,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, PromptError, RunDirError, RewardError, MissingAssetError, DependencyError]
     for module, name in (
-        ("raft_diffusion.adapters.diffusion", "ModelNotFoundError"),
-        ("raft_diffusion.adapters.diffusion", "LoraError"),
+        ("raft_diffusion.adapters.diffusion.loading", "ModelNotFoundError"),
+        ("raft_diffusion.adapters.diffusion.loading", "LoraError"),
         ("raft_diffusion.hub", "ModelNotFoundError"),
         ("raft_diffusion.adapters.training", "CheckpointMismatchError"),
         ("aesthetic.loading", "WeightsNotFoundError"),
@@ -49,7 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("aesthetic.predictor", "HeadError"),
         ("raft_diffusion.scoring", "ScoreError"),
         ("raft_diffusion.sampling", "SampleError"),
-        ("raft_diffusion.adapters.diffusion_utils", "UnsupportedModelError"),
+        ("raft_diffusion.adapters.diffusion.loading", "UnsupportedModelError"),
     ):
         # Only modules already imported can have raised; importing the others would cost seconds.
         mod = sys.modules.get(module)

@@ -1,10 +1,11 @@
-"""``raft-diffusion sample``: images from a Stable Diffusion pipeline (plus an optional LoRA) through
-the sampler the RAFT loop uses.
+"""``raft-diffusion sample``: images from a diffusers text-to-image pipeline of a supported family (plus an
+optional LoRA) through the sampler the RAFT loop uses.
 
     raft-diffusion sample --model demo:sd --lora runs/demo/final --prompt "a red circle" --n 8 --out samples/
 
-Without flags the settings are the stock pipeline's: the model folder's own scheduler, 50 steps,
-guidance 7.5, the model's image size, float32; image ``j`` of prompt ``i`` is drawn from seed
+Without flags the settings are the stock pipeline's: the model folder's own scheduler, its steps and
+guidance (SD 50 and 7.5, SDXL 50 and 5, SD3 28 and 7, FLUX 28 and 3.5), the model's image size,
+float32; image ``j`` of prompt ``i`` is drawn from seed
 ``--seed + i * n + j`` and is the image ``pipe(prompt, generator=torch.Generator().manual_seed(seed))``
 draws. ``--config runs/NAME/config.yaml`` takes the run's settings instead, to reproduce its samples.
 Files are named ``{index:03d}_seed{seed}.png``, ``samples.jsonl`` lists file, prompt and seed, and
@@ -25,9 +26,10 @@ class SampleError(ValueError):
     """Bad arguments to the sample command, or an output folder that cannot be written."""
 
 
-# What StableDiffusionPipeline.__call__ and from_pretrained do by default, where the run config's defaults differ.
-STOCK_MODEL = {"scheduler": "pretrained", "dtype": "float32"}
-STOCK_SAMPLING = {"steps": 50}
+# What the stock pipeline's from_pretrained does by default, where the run config's defaults differ;
+# diffusion.steps/guidance_scale left unset are the pipeline's own defaults too.
+STOCK_MODEL = {"dtype": "float32"}
+STOCK_DIFFUSION = {"scheduler": "pretrained"}
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -37,15 +39,15 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     parser.add_argument("--config", help="take model and sampling settings from a run config (flags override)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default 50)")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5; 1: off)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    parser.add_argument("--guidance-scale", type=float, help="guidance scale (default: the pipeline's; 1: off)")
     parser.add_argument("--eta", type=float, help="DDIM eta")
     parser.add_argument("--height", type=int, help="pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's)")
     parser.add_argument("--negative-prompt", help="negative prompt for guidance")
     parser.add_argument("--scheduler", help="ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc, or a diffusers class name "
                         "(default: the model folder's own)")
-    parser.add_argument("--batch-size", type=int, help="images per UNet call")
+    parser.add_argument("--batch-size", type=int, help="images per denoiser call")
     parser.add_argument("--dtype", help="auto | float32 | float16 | bfloat16 (default float32, as the stock pipeline)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--out", required=True, help="output folder")
@@ -53,15 +55,17 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _config(args):
-    data = load_yaml(args.config) if args.config else {"model": dict(STOCK_MODEL), "sampling": dict(STOCK_SAMPLING)}
-    model, sampling = data.setdefault("model", {}), data.setdefault("sampling", {})
+    data = load_yaml(args.config) if args.config else {"model": dict(STOCK_MODEL), "diffusion": dict(STOCK_DIFFUSION)}
+    model, diffusion, sampling = (data.setdefault(key, {}) for key in ("model", "diffusion", "sampling"))
     data["selection"] = {}  # sampling needs no trajectories
-    model_flags = dict(pretrained=args.model, init_lora=args.lora, scheduler=args.scheduler, dtype=args.dtype, device=args.device)
-    sampling_flags = dict(steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, height=args.height,
-                          width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size)
+    model_flags = dict(pretrained=args.model, init_lora=args.lora, dtype=args.dtype, device=args.device)
+    diffusion_flags = dict(scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
+                           height=args.height, width=args.width, negative_prompt=args.negative_prompt)
     model.update({k: v for k, v in model_flags.items() if v is not None})
-    sampling.update({k: v for k, v in sampling_flags.items() if v is not None})
-    sampling["compile"] = False
+    diffusion.update({k: v for k, v in diffusion_flags.items() if v is not None})
+    if args.batch_size is not None:
+        sampling["batch_size"] = args.batch_size
+    diffusion["compile"] = False
     return from_dict(data)
 
 

@@ -90,16 +90,19 @@ def unet_gflop(unet, latent_side: int, device: str, dtype) -> float:
 def make_config(args, pipe_dir: str, resolution: int, **over) -> "object":
     data = {
         "run": {"name": "bench", "output_dir": over.pop("output_dir", "/tmp"), "stages": 1, "save_images": False},
-        "model": {"kind": "diffusion", "pretrained": pipe_dir, "dtype": args.dtype, "device": args.device, "scheduler": over.pop("scheduler", "ddim")},
-        "sampling": {
-            "k": args.k,
-            "prompts_per_stage": args.prompts,
-            "batch_size": over.pop("batch_size", args.batch),
+        "model": {"kind": "diffusion", "pretrained": pipe_dir, "dtype": args.dtype, "device": args.device},
+        "diffusion": {
+            "scheduler": over.pop("scheduler", "ddim"),
             "steps": args.steps,
             "guidance_scale": args.guidance,
             "height": resolution,
             "width": resolution,
             "compile": over.pop("compile", False),
+        },
+        "sampling": {
+            "k": args.k,
+            "prompts_per_stage": args.prompts,
+            "batch_size": over.pop("batch_size", args.batch),
         },
         "selection": {"strategy": "local_then_global", "keep": 0.8},
         "train": {
@@ -140,7 +143,7 @@ def make_adapter(config):
 def bench_sampling(args, pipe_dir: str, resolution: int, compile_: bool, reps: int) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from raft_diffusion.adapters.diffusion_utils import dtype_keyword
+    from raft_diffusion.adapters.diffusion.loading import dtype_keyword
     from raft_diffusion.core.loop import candidate_seeds
 
     config = make_config(args, pipe_dir, resolution, compile=compile_)
@@ -213,7 +216,7 @@ def bench_training(args, pipe_dir: str, resolution: int, reps: int, train_batch:
     # The reference: the few lines everyone writes by hand (diffusers' train_text_to_image_lora recipe).
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from raft_diffusion.adapters.diffusion_utils import dtype_keyword
+    from raft_diffusion.adapters.diffusion.loading import dtype_keyword
 
     ref = StableDiffusionPipeline.from_pretrained(pipe_dir, **{dtype_keyword(): adapter.dtype}, safety_checker=None, requires_safety_checker=False).to(args.device)
     unet = ref.unet
@@ -335,7 +338,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models (CPU smoke scale)")
     parser.add_argument("--sd15-size", action="store_true", help="SD-1.5-sized random-weight models")
     parser.add_argument("--resolutions", type=int, nargs="+", default=None)
-    parser.add_argument("--compile", action="store_true", help="also time sampling.compile: true")
+    parser.add_argument("--compile", action="store_true", help="also time diffusion.compile: true")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--parts", default="sampling,training,stage", help="comma-separated subset to run")

@@ -14,9 +14,9 @@ BASE = {"prompts": {"items": ["a cat"]}}
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("run:\n  stages: 2\nsampling:\n  k: 3\nprompts:\n  items: [a, b]\n")
-    config = load_config(path, ["run.stages=5", "sampling.guidance_scale=3", "model.lora.targets=to_q,to_v", "train.lr=2e-5"])
+    config = load_config(path, ["run.stages=5", "diffusion.guidance_scale=3", "model.lora.targets=to_q,to_v", "train.lr=2e-5"])
     assert config.run.stages == 5 and config.sampling.k == 3
-    assert config.sampling.guidance_scale == 3.0 and isinstance(config.sampling.guidance_scale, float)
+    assert config.adapter.guidance_scale == 3.0 and isinstance(config.adapter.guidance_scale, float)
     assert config.model.lora.targets == ["to_q", "to_v"]
     assert config.train.lr == pytest.approx(2e-5)
     saved = tmp_path / "saved.yaml"
@@ -31,19 +31,19 @@ def test_yaml_and_dotted_overrides(tmp_path):
         (["sampling.kk=3"], "did you mean 'k'"),
         (["sampling.k=three"], "sampling.k: expected an integer"),
         (["sampling.k=0"], "sampling.k must be >= 1"),
-        (["sampling.guidance_rescale=1.5"], "sampling.guidance_rescale must be in [0, 1]"),
+        (["diffusion.guidance_rescale=1.5"], "diffusion.guidance_rescale must be in [0, 1]"),
         (["selection.keep=0"], "selection.keep must be in (0, 1]"),
         (["selection.keep=1.5"], "selection.keep must be in (0, 1]"),
         (["run.stages=0"], "run.stages must be >= 1"),
         (["selection.strategy=best"], "selection.strategy: 'best' is not one of"),
         (["train.mixed_precision=fp8"], "train.mixed_precision"),
-        (["train.timestep_bias_strategy=sooner"], "train.timestep_bias_strategy: 'sooner' is not one of"),
-        (["train.timestep_bias_multiplier=-1"], "train.timestep_bias_multiplier must be >= 0"),
-        (["train.timestep_bias_begin=500", "train.timestep_bias_end=500"], "train.timestep_bias_begin must be"),
+        (["diffusion.ddpm.timestep_bias_strategy=sooner"], "diffusion.ddpm.timestep_bias_strategy: 'sooner' is not one of"),
+        (["diffusion.ddpm.timestep_bias_multiplier=-1"], "diffusion.ddpm.timestep_bias_multiplier must be >= 0"),
+        (["diffusion.ddpm.timestep_bias_begin=500", "diffusion.ddpm.timestep_bias_end=500"], "diffusion.ddpm.timestep_bias_begin must be"),
         (["train.ema_decay=1"], "train.ema_decay must be in [0, 1)"),
         (["rewards=[{nam: aesthetic}]"], "unknown config key 'rewards[0].nam'"),
         (["rewards=[{weight: 2}]"], "needs 'name'"),
-        (["sampling.height=30"], "multiple of 8"),
+        (["diffusion.height=30"], "multiple of 8"),
         (["model.use_fast=true"], "unknown config key 'model.use_fast'"),
         (["run.save_images=maybe"], "run.save_images: expected true or false"),
         (["stages=3"], "unknown config key 'stages'"),

@@ -80,9 +80,10 @@ def test_the_installed_releases_meet_the_floors_and_min_versions_pins_exactly_th
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_pipeline_loads_in_the_dtype_asked_for(tiny_sd, dtype):  # noqa: F811
-    from raft_diffusion.adapters.diffusion_utils import load_pipeline
+    from raft_diffusion.adapters.diffusion import load_pipeline
 
-    pipe = load_pipeline(make_sd_config(tiny_sd).model, dtype)
+    config = make_sd_config(tiny_sd)
+    pipe, _ = load_pipeline(config.model, config.adapter, dtype)
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {dtype}
 
 

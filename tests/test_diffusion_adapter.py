@@ -16,7 +16,8 @@ pytestmark = pytest.mark.floor  # in the fast subset that `make test-min` runs a
 
 BASE = {
     "run": {"seed": 0},
-    "sampling": {"steps": 4, "batch_size": 4, "guidance_scale": 2.0},
+    "sampling": {"batch_size": 4},
+    "diffusion": {"steps": 4, "guidance_scale": 2.0},
     "train": {"steps_per_stage": 4, "batch_size": 2, "lr": 1e-2},
 }
 
@@ -102,7 +103,7 @@ def test_generate_groups_by_prompt_and_each_candidate_regenerates_from_its_seed(
 def test_samplers_match_the_stock_pipeline_and_regenerate_alone(tiny_sd, scheduler, eta):
     from diffusers import StableDiffusionPipeline
 
-    adapter = make_adapter(tiny_sd, model={"scheduler": scheduler}, sampling={"eta": eta, "steps": 3})
+    adapter = make_adapter(tiny_sd, diffusion={"scheduler": scheduler, "eta": eta, "steps": 3})
     cls = type(adapter.scheduler)
     assert cls.__name__ == {"euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler",
                             "dpm++": "DPMSolverMultistepScheduler"}[scheduler]
@@ -123,7 +124,7 @@ def test_samplers_match_the_stock_pipeline_and_regenerate_alone(tiny_sd, schedul
 def test_guidance_rescale_matches_the_stock_pipeline(tiny_sd):
     from diffusers import StableDiffusionPipeline
 
-    adapter = make_adapter(tiny_sd, sampling={"steps": 3, "guidance_rescale": 0.7})
+    adapter = make_adapter(tiny_sd, diffusion={"steps": 3, "guidance_rescale": 0.7})
     cands = adapter.generate(["a cat", "a dog"], 2, [1, 2, 3, 4])
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.set_progress_bar_config(disable=True)
@@ -138,8 +139,8 @@ def test_guidance_rescale_matches_the_stock_pipeline(tiny_sd):
 
 def test_unknown_scheduler_is_refused_in_one_line(tiny_sd):
     with pytest.raises(ValueError) as err:
-        make_adapter(tiny_sd, model={"scheduler": "fancy"})
-    assert "model.scheduler" in str(err.value) and one_line(err)
+        make_adapter(tiny_sd, diffusion={"scheduler": "fancy"})
+    assert "diffusion.scheduler" in str(err.value) and one_line(err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def test_finetune_lowers_the_denoising_loss_on_the_chosen_latents(tiny_sd):
 
 def test_raft_on_brightness_makes_fresh_samples_brighter(tiny_sd_v):
     """Hand-made RAFT: K samples per prompt, keep the brightest, fine-tune on it; three stages."""
-    adapter = make_adapter(tiny_sd_v, sampling={"steps": 8, "batch_size": 16, "guidance_scale": 1.0},
+    adapter = make_adapter(tiny_sd_v, sampling={"batch_size": 16}, diffusion={"steps": 8, "guidance_scale": 1.0},
                            train={"steps_per_stage": 20, "batch_size": 4, "lr": 2e-2})
     prompts, k = ["a photo", "a cat"], 8
     eval_seeds = list(range(1000, 1032))
@@ -185,7 +186,7 @@ def test_raft_on_brightness_makes_fresh_samples_brighter(tiny_sd_v):
 
 def test_guided_loss_is_the_loss_of_the_guided_prediction(tiny_sd):
     scale = 7.5
-    adapter = make_adapter(tiny_sd, sampling={"guidance_scale": scale}, train={"guided_loss": True, "steps_per_stage": 20})
+    adapter = make_adapter(tiny_sd, diffusion={"guidance_scale": scale, "guided_loss": True}, train={"steps_per_stage": 20})
     chosen = adapter.generate(["a cat", "a dog"], 1, [0, 1])
     lat = latents(chosen)
     embeds = torch.stack([c.payload["prompt_embeds"] for c in chosen])
@@ -193,11 +194,11 @@ def test_guided_loss_is_the_loss_of_the_guided_prediction(tiny_sd):
     noise, timesteps = torch.randn(lat.shape, generator=g), torch.tensor([100, 700])
     with torch.no_grad():
         guided = adapter.denoising_loss(lat, embeds, noise, timesteps).item()
-        noisy = adapter.noise_scheduler.add_noise(lat, noise, timesteps)
+        noisy = adapter.objective.scheduler.add_noise(lat, noise, timesteps)
         uncond = adapter._as_unconditional(adapter._encode([""]), "")["prompt_embeds"].expand_as(embeds)
-        eps_c = adapter.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
-        eps_u = adapter.unet(noisy, timesteps, encoder_hidden_states=uncond).sample
-        target = adapter.noise_scheduler.get_velocity(lat, noise, timesteps) if adapter.noise_scheduler.config.prediction_type == "v_prediction" else noise
+        eps_c = adapter.denoiser(noisy, timesteps, encoder_hidden_states=embeds).sample
+        eps_u = adapter.denoiser(noisy, timesteps, encoder_hidden_states=uncond).sample
+        target = adapter.objective.scheduler.get_velocity(lat, noise, timesteps) if adapter.objective.scheduler.config.prediction_type == "v_prediction" else noise
         expected = torch.nn.functional.mse_loss(eps_u + scale * (eps_c - eps_u), target).item()
         plain = torch.nn.functional.mse_loss(eps_c, target).item()
     # A random tiny UNet barely tells cond from uncond: the two losses differ by well under 1 %, so
@@ -210,19 +211,19 @@ def test_guided_loss_is_the_loss_of_the_guided_prediction(tiny_sd):
 
 
 def test_fused_sampling_draws_the_same_images_and_leaves_the_weights_alone(tiny_sd):
-    conv_lora = {"lora": {"targets": ["to_q", "to_v", "conv1", "conv2"], "text_encoder": True}}
-    adapter = make_adapter(tiny_sd, model=conv_lora)
+    conv_lora = {"lora": {"targets": ["to_q", "to_v", "conv1", "conv2"]}}
+    adapter = make_adapter(tiny_sd, model=conv_lora, diffusion={"text_encoder_lora": True})
     prompts, seeds = ["a cat", "a dog"], [5, 6, 7, 8]
     adapter.finetune(adapter.generate(prompts, 2, seeds))
     weights = {n: p.detach().clone() for m in adapter.train_modules for n, p in m.named_parameters()}
     fused = adapter.generate(prompts, 2, seeds)
-    adapter.config.sampling.fuse_lora = False
+    adapter.settings.fuse_lora = False
     plain = adapter.generate(prompts, 2, seeds)
     assert (latents(fused) - latents(plain)).abs().max() > 0  # folded: another order of the same sums ...
     torch.testing.assert_close(latents(fused), latents(plain), atol=1e-4, rtol=1e-4)  # ... the same images
     after = {n: p for m in adapter.train_modules for n, p in m.named_parameters()}
     assert after.keys() == weights.keys() and all(torch.equal(after[n], weights[n]) for n in weights)
-    adapter.config.sampling.fuse_lora = True
+    adapter.settings.fuse_lora = True
     assert torch.equal(latents(adapter.generate(prompts, 2, seeds)), latents(fused))  # the LoRA layers are back on
 
 
@@ -231,14 +232,14 @@ def test_half_precision_weights_sample_unfused(tiny_sd):
     prompts, seeds = ["a cat"], [5, 6]
     adapter.finetune(adapter.generate(prompts, 2, seeds))
     fused = adapter.generate(prompts, 2, seeds)
-    adapter.config.sampling.fuse_lora = False
+    adapter.settings.fuse_lora = False
     assert torch.equal(latents(adapter.generate(prompts, 2, seeds)), latents(fused))  # the LoRA layers ran both times
 
 
 def test_timestep_bias_draws_the_noise_levels_it_names(tiny_sd):
-    def drawn(**train):
-        adapter = make_adapter(tiny_sd, train=train)
-        n = adapter.noise_scheduler.config.num_train_timesteps
+    def drawn(**ddpm):
+        adapter = make_adapter(tiny_sd, diffusion={"ddpm": ddpm})
+        n = adapter.objective.scheduler.config.num_train_timesteps
         lat, cond = torch.zeros(8, 4, 4, 4), {"prompt_embeds": torch.zeros(8, 1, 1)}
         t = torch.cat([adapter._draw_batch(lat, cond, torch.arange(8))[3] for _ in range(500)])
         return t, n
@@ -256,9 +257,9 @@ def test_timestep_bias_draws_the_noise_levels_it_names(tiny_sd):
 def test_save_load_resumes_bit_for_bit(tiny_sd, tmp_path):
     # Every random consumer on: caption dropout, LoRA dropout (global RNG), min-SNR, accumulation,
     # biased timesteps; and the moving average.
-    sections = dict(model={"lora": {"dropout": 0.1}}, train={"snr_gamma": 5.0, "caption_dropout": 0.5, "grad_accum": 2, "steps_per_stage": 3,
-                                                             "timestep_bias_strategy": "later", "timestep_bias_multiplier": 2.0,
-                                                             "ema_decay": 0.9})
+    sections = dict(model={"lora": {"dropout": 0.1}}, train={"grad_accum": 2, "steps_per_stage": 3, "ema_decay": 0.9},
+                    diffusion={"caption_dropout": 0.5, "ddpm": {"snr_gamma": 5.0, "timestep_bias_strategy": "later",
+                                                                "timestep_bias_multiplier": 2.0}})
 
     torch.manual_seed(0)
     straight = make_adapter(tiny_sd, **sections)
@@ -299,7 +300,7 @@ def test_export_loads_in_a_stock_pipeline_with_the_same_images(tiny_sd, tmp_path
     from raft_diffusion import sampling
 
     # alpha != rank: the scale must travel with the file; a text-encoder LoRA too.
-    adapter = make_adapter(tiny_sd, model={"lora": {"rank": 4, "alpha": 2.0, "text_encoder": True}})
+    adapter = make_adapter(tiny_sd, model={"lora": {"rank": 4, "alpha": 2.0}}, diffusion={"text_encoder_lora": True})
     prompts, seeds = ["a cat", "a dog"], [5, 6, 7, 8]
     chosen = adapter.generate(prompts, 2, seeds)
     assert chosen[0].payload["input_ids"].shape == (77,)  # the text encoder trains: ids, re-encoded
@@ -375,7 +376,7 @@ def test_moving_average_samples_and_exports(tiny_sd, tmp_path):
 def test_log_ratio_is_zero_before_training_and_not_after(tiny_sd, scheduler):
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    adapter = make_adapter(tiny_sd, model={"scheduler": scheduler}, sampling={"eta": 1.0}, selection={"beta": 0.1})
+    adapter = make_adapter(tiny_sd, diffusion={"scheduler": scheduler, "eta": 1.0}, selection={"beta": 0.1})
     assert has_log_ratio(adapter)
 
     # The recorded transitions are the scheduler's own: same mean and noise as its step().
@@ -409,8 +410,8 @@ def test_log_ratio_needs_stochastic_sampling():
     from raft_diffusion.adapters.diffusion import DiffusionAdapter
 
     with pytest.raises(ValueError) as err:  # refused before any model is loaded
-        DiffusionAdapter(make_config("/nowhere", selection={"beta": 0.1}, sampling={"eta": 0.0}), _accelerator())
-    assert "sampling.eta" in str(err.value) and one_line(err)
+        DiffusionAdapter(make_config("/nowhere", selection={"beta": 0.1}, diffusion={"eta": 0.0}), _accelerator())
+    assert "diffusion.eta" in str(err.value) and one_line(err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,13 +457,13 @@ def test_lora_made_for_another_model_is_refused(tiny_sd, tmp_path):
 
 def test_paper_configs_are_valid():
     c = load_config("configs/sd15_aesthetic_256.yaml")
-    assert (c.model.pretrained, c.model.scheduler, c.sampling.height, c.sampling.k, c.sampling.prompts_per_stage) == (
+    assert (c.model.pretrained, c.adapter.scheduler, c.adapter.height, c.sampling.k, c.sampling.prompts_per_stage) == (
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "dpm++", 256, 10, 10)
     assert (c.selection.strategy, c.selection.keep, c.model.lora.rank, c.train.lr, c.train.steps_per_stage, c.train.batch_size) == (
         "local_then_global", 0.8, 4, 9e-6, 80, 8)
-    assert (c.sampling.steps, c.sampling.guidance_scale, c.train.mixed_precision, c.run.stages, c.prompts.builtin) == (
+    assert (c.adapter.steps, c.adapter.guidance_scale, c.train.mixed_precision, c.run.stages, c.prompts.builtin) == (
         50, 7.5, "bf16", 10, "cifar10")
     assert c.rewards[0]["name"] == "aesthetic" and c.rewards[0]["args"] == {"clip": "ViT-L-14", "pretrained": "openai"}
     d = load_config("configs/sd15_aesthetic_512.yaml")
-    assert (d.sampling.height, d.model.scheduler, d.sampling.steps, d.sampling.guidance_scale, d.sampling.eta, d.prompts.builtin) == (
+    assert (d.adapter.height, d.adapter.scheduler, d.adapter.steps, d.adapter.guidance_scale, d.adapter.eta, d.prompts.builtin) == (
         512, "ddim", 50, 5.0, 1.0, "simple_animals")

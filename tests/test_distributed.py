@@ -59,10 +59,10 @@ def test_two_processes_equal_one(tmp_path):
     sd = build_random_sd(tmp_path / "sd")
     common = [
         f"model.pretrained={sd}", "model.device=cpu", "run.stages=2",
-        "sampling.k=2", "sampling.prompts_per_stage=4", "sampling.steps=3", "sampling.guidance_scale=2",
+        "sampling.k=2", "sampling.prompts_per_stage=4", "diffusion.steps=3", "diffusion.guidance_scale=2",
         # A recipe of its own, not the demo's: the equality below is measured at this scale of change.
-        "model.lora.targets=[to_q,to_k,to_v,to_out.0]", "train.lr=2e-4", "train.caption_dropout=0.3",
-        "train.timestep_bias_strategy=none",
+        "model.lora.targets=[to_q,to_k,to_v,to_out.0]", "train.lr=2e-4", "diffusion.caption_dropout=0.3",
+        "diffusion.ddpm.timestep_bias_strategy=none",
         "train.steps_per_stage=3", "eval.every=1", "eval.k=1", "eval.metrics=[]", "log.report=false",
         "prompts.items=[a red circle, a blue square, a green cross, a white triangle, a purple cross]",
         "prompts.eval_items=[a red square, a blue circle]", "rewards=tests.plugins:brightness", "--quiet",
@@ -75,7 +75,7 @@ def test_llm_two_processes_equal_one(tmp_path):
     lm = build_tiny_lm(tmp_path / "lm", dropout=0.0)  # dropout masks are drawn per process: no equality with them
     common = [
         "model.kind=llm", f"model.pretrained={lm}", "model.device=cpu", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=[]",
-        "run.stages=2", "run.save_images=false", "sampling.k=2", "sampling.prompts_per_stage=4", "sampling.max_new_tokens=6",
+        "run.stages=2", "run.save_images=false", "sampling.k=2", "sampling.prompts_per_stage=4", "llm.max_new_tokens=6",
         "train.steps_per_stage=3", "train.lr=0.01", "train.grad_accum=2", "eval.every=1", "eval.k=2", "eval.metrics=[]", "log.report=false",
         "prompts.items=[the movie was, a pizza is, the phone was, it was]", "prompts.eval_items=[a movie is]",
         "rewards=[{name: word_count, args: {words: good}}]", "--quiet",

@@ -43,7 +43,8 @@ def make_config(lm_dir, **sections):
     data = {
         "run": {"seed": 0},
         "model": {"kind": "llm", "pretrained": lm_dir, "lora": {"rank": 4, "alpha": 8}},
-        "sampling": {"k": 4, "max_new_tokens": 6, "batch_size": 5},
+        "sampling": {"k": 4, "batch_size": 5},
+        "llm": {"max_new_tokens": 6},
         "train": {"lr": 1e-2, "steps_per_stage": 4, "batch_size": 4},
         "rewards": [{"name": "word_count", "args": {"words": "good"}}],
     }
@@ -89,7 +90,7 @@ def test_generate_k_seeds_and_grouping(lm_dir):
 
 
 def test_response_cut_at_eos_and_stop_string(lm_dir):
-    adapter = make_adapter(make_config(lm_dir, sampling={"stop": ["but"]}))
+    adapter = make_adapter(make_config(lm_dir, llm={"stop": ["but"]}))
     ids = lambda text: adapter.tokenizer(text)["input_ids"]  # noqa: E731
     eos, pad = adapter.tokenizer.eos_token_id, adapter.tokenizer.pad_token_id
     tokens = torch.tensor(ids("good and nice") + [eos, pad, pad])
@@ -256,10 +257,10 @@ def test_chat_template_is_applied(lm_dir, tmp_path):
     )
     AutoModelForCausalLM.from_pretrained(lm_dir).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    adapter = make_adapter(make_config(str(tmp_path), model={"chat_template": True}))
+    adapter = make_adapter(make_config(str(tmp_path), llm={"chat_template": True}))
     assert adapter.encode_prompt("movie was") == tokenizer("the movie was it")["input_ids"]
     with pytest.raises(ValueError, match="chat template"):
-        make_adapter(make_config(lm_dir, model={"chat_template": True}))
+        make_adapter(make_config(lm_dir, llm={"chat_template": True}))
 
 
 def test_missing_model_is_one_clear_error(tmp_path):

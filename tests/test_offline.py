@@ -15,14 +15,14 @@ import json, time
 import diffusers, open_clip  # imported first: their import time is not what is measured
 diffusers.DiffusionPipeline, diffusers.StableDiffusionPipeline, diffusers.AutoencoderKL
 from transformers import AutoTokenizer
-from raft_diffusion.adapters.diffusion_utils import load_pipeline
+from raft_diffusion.adapters.diffusion import DiffusionSettings, load_pipeline
 from raft_diffusion.rewards import build_reward
 from raft_diffusion.adapters.llm import load_pretrained
 from raft_diffusion.core.config import ModelConfig
 
 results = {}
 for name, load in [
-    ("pipeline", lambda: load_pipeline(ModelConfig(pretrained="nobody/missing-sd"))),
+    ("pipeline", lambda: load_pipeline(ModelConfig(pretrained="nobody/missing-sd"), DiffusionSettings())),
     ("llm", lambda: load_pretrained(AutoTokenizer, "nobody/missing-llm", "model.pretrained")),
     ("clip", lambda: build_reward([{"name": "aesthetic"}]).parts[0][2].load()),  # ViT-L-14/openai
 ]:

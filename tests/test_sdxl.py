@@ -49,7 +49,7 @@ def stock_pipeline(path, scheduler_cls=None):
 
 @pytest.mark.parametrize("scheduler, eta", [("euler", 0.0), ("ddim", 1.0)])
 def test_generate_groups_regenerates_alone_and_matches_the_stock_sdxl_pipeline(tiny_xl, scheduler, eta):
-    adapter = make_adapter(tiny_xl, model={"scheduler": scheduler}, sampling={"eta": eta})
+    adapter = make_adapter(tiny_xl, diffusion={"scheduler": scheduler, "eta": eta})
     assert type(adapter.pipe).__name__ == "StableDiffusionXLPipeline"
     prompts, seeds = ["a red cat", "a blue dog"], [10, 11, 12, 13, 14, 15]
     cands = adapter.generate(prompts, 3, seeds)  # batches of 4 straddle the two prompts
@@ -83,7 +83,7 @@ def test_generate_groups_regenerates_alone_and_matches_the_stock_sdxl_pipeline(t
 
 
 def test_finetune_lowers_the_loss_on_the_chosen_latents_with_pooled_and_size_conditioning(tiny_xl):
-    adapter = make_adapter(tiny_xl, train={"steps_per_stage": 20, "caption_dropout": 0.2})
+    adapter = make_adapter(tiny_xl, train={"steps_per_stage": 20}, diffusion={"caption_dropout": 0.2})
     chosen = adapter.generate(["a cat", "a dog"], 2, [0, 1, 2, 3])
     cond = {k: torch.stack([c.payload[k] for c in chosen]) for k in ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")}
     # The expected loss over 8 fixed noise draws and timesteps per chosen sample.
@@ -109,7 +109,7 @@ def test_finetune_lowers_the_loss_on_the_chosen_latents_with_pooled_and_size_con
 
 
 def test_log_ratio_is_zero_before_training_and_not_after(tiny_xl):
-    adapter = make_adapter(tiny_xl, sampling={"eta": 1.0}, selection={"beta": 0.1}, train={"steps_per_stage": 8})
+    adapter = make_adapter(tiny_xl, diffusion={"eta": 1.0}, selection={"beta": 0.1}, train={"steps_per_stage": 8})
     cands = adapter.generate(["a cat", "a dog"], 2, [0, 1, 2, 3])
     assert cands[0].payload["trajectory"].shape == (5, 4, 8, 8)
     assert adapter.log_ratio(cands).abs().max() < 1e-3
@@ -120,8 +120,8 @@ def test_log_ratio_is_zero_before_training_and_not_after(tiny_xl):
 
 def test_save_load_resumes_bit_for_bit_with_both_text_encoders(tiny_xl, tmp_path):
     # Text-encoder LoRAs (ids re-encoded), caption dropout to zeros, LoRA dropout, min-SNR, accumulation.
-    sections = dict(model={"lora": {"dropout": 0.1, "text_encoder": True}},
-                    train={"snr_gamma": 5.0, "caption_dropout": 0.5, "grad_accum": 2, "steps_per_stage": 3})
+    sections = dict(model={"lora": {"dropout": 0.1}}, train={"grad_accum": 2, "steps_per_stage": 3},
+                    diffusion={"text_encoder_lora": True, "caption_dropout": 0.5, "ddpm": {"snr_gamma": 5.0}})
     torch.manual_seed(0)
     straight = make_adapter(tiny_xl, **sections)
     chosen = straight.generate(["a cat", "a dog"], 2, [0, 1, 2, 3])
@@ -154,7 +154,7 @@ def test_export_loads_in_the_stock_sdxl_pipeline_with_the_same_images(tiny_xl, t
     from raft_diffusion import sampling
 
     # alpha != rank: the scale must travel with the file; LoRAs on both text encoders too.
-    adapter = make_adapter(tiny_xl, model={"lora": {"rank": 4, "alpha": 2.0, "text_encoder": True}})
+    adapter = make_adapter(tiny_xl, model={"lora": {"rank": 4, "alpha": 2.0}}, diffusion={"text_encoder_lora": True})
     prompts, seeds = ["a cat", "a dog"], [5, 6, 7, 8]
     chosen = adapter.generate(prompts, 2, seeds)
     assert chosen[0].payload["input_ids"].shape == chosen[0].payload["input_ids_2"].shape == (77,)
@@ -208,14 +208,16 @@ def test_export_loads_in_the_stock_sdxl_pipeline_with_the_same_images(tiny_xl, t
 def test_fp16_vae_is_upcast_unless_a_separate_fp16_safe_vae_is_given(tiny_xl, tmp_path):
     from diffusers import AutoencoderKL
 
-    from raft_diffusion.adapters.diffusion_utils import load_pipeline
+    from raft_diffusion.adapters.diffusion import load_pipeline
 
-    pipe = load_pipeline(make_config(tiny_xl).model, torch.float16)
+    config = make_config(tiny_xl)
+    pipe, _ = load_pipeline(config.model, config.adapter, torch.float16)
     assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32  # force_upcast, as diffusers' SDXL does
 
-    # model.vae: a VAE folder that is safe in float16 (force_upcast false, like madebyollin/sdxl-vae-fp16-fix).
+    # diffusion.vae: a VAE folder that is safe in float16 (force_upcast false, like madebyollin/sdxl-vae-fp16-fix).
     AutoencoderKL.from_pretrained(tiny_xl, subfolder="vae", force_upcast=False).save_pretrained(tmp_path / "vae_fix")
-    pipe = load_pipeline(make_config(tiny_xl, model={"vae": str(tmp_path / "vae_fix")}).model, torch.float16)
+    config = make_config(tiny_xl, diffusion={"vae": str(tmp_path / "vae_fix")})
+    pipe, _ = load_pipeline(config.model, config.adapter, torch.float16)
     assert pipe.vae.dtype == torch.float16 and not pipe.vae.config.force_upcast
 
 
@@ -231,15 +233,15 @@ def test_unsupported_pipeline_class_and_settings_are_one_clear_line(tiny_xl, tmp
         DiffusionAdapter(make_config(str(tmp_path / "refiner")), _accelerator())
     assert "StableDiffusionXLImg2ImgPipeline" in str(err.value) and one_line(err)
     with pytest.raises(UnsupportedModelError) as err:
-        DiffusionAdapter(make_config(tiny_xl, model={"safety_checker": True}), _accelerator())
-    assert "model.safety_checker" in str(err.value) and one_line(err)
+        DiffusionAdapter(make_config(tiny_xl, diffusion={"safety_checker": True}), _accelerator())
+    assert "diffusion.safety_checker" in str(err.value) and one_line(err)
 
 
 def test_sdxl_config_is_valid():
     from raft_diffusion.core.config import load_config
 
     c = load_config("configs/sdxl_aesthetic_1024.yaml")
-    assert (c.model.pretrained, c.model.dtype, c.model.vae, c.sampling.height, c.sampling.width) == (
+    assert (c.model.pretrained, c.model.dtype, c.adapter.vae, c.adapter.height, c.adapter.width) == (
         "stabilityai/stable-diffusion-xl-base-1.0", "bfloat16", None, 1024, 1024)
     assert (c.train.mixed_precision, c.rewards[0]["name"], c.rewards[0]["args"]) == (
         "bf16", "aesthetic", {"clip": "ViT-L-14", "pretrained": "openai"})

@@ -11,7 +11,7 @@ from tests.sd_fixtures import build_tiny_sd
 def test_unet_only_lora_loads_without_the_no_text_encoder_keys_message(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from raft_diffusion.adapters.diffusion_utils import load_lora
+    from raft_diffusion.adapters.diffusion import load_lora
     from tests.test_diffusion_adapter import make_adapter
 
     model = str(build_tiny_sd(tmp_path / "sd"))

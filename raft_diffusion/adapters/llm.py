@@ -9,9 +9,9 @@ either through a peft LoRA (``model.lora.rank > 0``) or in full (``rank: 0``).
   candidate depends on its seed alone, not on the batch it shared, and the global RNG that
   training uses is never touched. Temperature (the paper's lambda), top-k and top-p are
   transformers' own logits warpers. A response ends at EOS (kept in its token ids, so that
-  fine-tuning learns to stop) or at a ``sampling.stop`` string (cut from its text).
+  fine-tuning learns to stop) or at a ``llm.stop`` string (cut from its text).
 * **Fine-tuning** is supervised next-token loss on prompt + response with the prompt tokens
-  masked out (``train.train_on_prompt`` keeps them), AdamW through ``accelerate``.
+  masked out (``llm.train_on_prompt`` keeps them), AdamW through ``accelerate``.
 * **log_ratio** is ``log p(response | prompt)`` under the policy minus under the frozen
   reference (the base model: LoRA disabled, or the pretrained weights reloaded for full
   fine-tuning), for KL-shaped ranking.
@@ -20,6 +20,7 @@ either through a peft LoRA (``model.lora.rank > 0``) or in full (``rank: 0``).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from transformers import (
 
 from raft_diffusion.adapters.training import Finetuner, check_lora_targets
 from raft_diffusion.core import progress
+from raft_diffusion.core.config import ConfigError
 from raft_diffusion.core.protocols import Candidate
 from raft_diffusion.assets import resolve
 from raft_diffusion.hub import ModelNotFoundError, load_pretrained  # noqa: F401  (errors re-exported for callers)
@@ -130,23 +132,56 @@ def _targets_are_conv1d(model, targets) -> bool:
                for name, module in model.named_modules())
 
 
+@dataclass
+class LLMSettings:
+    """The ``llm:`` config section: settings of the causal-language-model adapter."""
+
+    # Sampling
+    temperature: float = 1.0  # the paper's lambda
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings; the response is cut before them
+    # Loading
+    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    trust_remote_code: bool = False  # only when you trust the model repository
+    # Fine-tuning
+    train_on_prompt: bool = False  # also put loss on prompt tokens (LMFlow's RAFT does)
+
+    def __post_init__(self):
+        def check(ok, message):
+            if not ok:
+                raise ConfigError(message)
+
+        check(self.temperature > 0, f"llm.temperature must be > 0, got {self.temperature}")
+        check(0.0 < self.top_p <= 1.0, f"llm.top_p must be in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, f"llm.top_k must be >= 0, got {self.top_k}")
+        check(self.max_new_tokens >= 1, f"llm.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check(0 <= self.min_new_tokens <= self.max_new_tokens, "llm.min_new_tokens must be in [0, max_new_tokens]")
+
+
 class LLMAdapter:
     """RAFT adapter for causal language models (see the module docstring)."""
+
+    config_section = "llm"  # the config section of these settings
+    Settings = LLMSettings
 
     def __init__(self, config, accelerator):
         self.config = config
         self.accelerator = accelerator
         self.device = accelerator.device
         m = config.model
+        self.settings = config.adapter if isinstance(config.adapter, LLMSettings) else LLMSettings()
         self.full_finetune = m.lora.rank == 0 and not m.init_lora
         self.tokenizer = load_pretrained(
-            AutoTokenizer, m.pretrained, "model.pretrained", revision=m.revision, trust_remote_code=m.trust_remote_code
+            AutoTokenizer, m.pretrained, "model.pretrained", revision=m.revision, trust_remote_code=self.settings.trust_remote_code
         )
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # labels come from lengths, so pad == eos is safe
-        if m.chat_template and not self.tokenizer.chat_template:
-            raise ValueError(f"model.chat_template is true but the tokenizer of {m.pretrained!r} has no chat template")
+        if self.settings.chat_template and not self.tokenizer.chat_template:
+            raise ValueError(f"llm.chat_template is true but the tokenizer of {m.pretrained!r} has no chat template")
         self.dtype = self._weights_dtype()
         model = self._load_base()
         self.eos_ids = self._eos_ids(model)
@@ -179,7 +214,7 @@ class LLMAdapter:
         m = self.config.model
         model = load_pretrained(
             AutoModelForCausalLM, m.pretrained, "model.pretrained",
-            revision=m.revision, variant=m.variant, dtype=self.dtype, trust_remote_code=m.trust_remote_code,
+            revision=m.revision, variant=m.variant, dtype=self.dtype, trust_remote_code=self.settings.trust_remote_code,
         )
         return model.to(self.device)
 
@@ -223,7 +258,7 @@ class LLMAdapter:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids the model is conditioned on (chat template applied when configured)."""
-        if self.config.model.chat_template:
+        if self.settings.chat_template:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
@@ -234,13 +269,13 @@ class LLMAdapter:
             start = self.tokenizer.bos_token_id
             ids = [start if start is not None else self.eos_ids[0]]
         context = getattr(self.model.config, "max_position_embeddings", None)
-        if context and len(ids) + self.config.sampling.max_new_tokens > context:
-            raise ValueError(f"prompt of {len(ids)} tokens + sampling.max_new_tokens "
-                             f"{self.config.sampling.max_new_tokens} exceeds the model's context of {context}")
+        if context and len(ids) + self.settings.max_new_tokens > context:
+            raise ValueError(f"prompt of {len(ids)} tokens + llm.max_new_tokens "
+                             f"{self.settings.max_new_tokens} exceeds the model's context of {context}")
         return ids
 
     def _generation_config(self) -> GenerationConfig:
-        s = self.config.sampling
+        s = self.settings
         pad = self.tokenizer.pad_token_id
         return GenerationConfig(
             do_sample=False,  # SeededSampling samples; greedy decoding then takes its token
@@ -268,7 +303,7 @@ class LLMAdapter:
         keep = tokens[: end + 1] if end < len(tokens) and int(tokens[end]) in self.eos_ids else body
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         text = decode(body)
-        found = [(text.find(s), s) for s in self.config.sampling.stop if s and s in text]
+        found = [(text.find(s), s) for s in self.settings.stop if s and s in text]
         if not found:
             return keep.clone(), text
         pos, stop = min(found)
@@ -290,15 +325,16 @@ class LLMAdapter:
             return self._generate(prompts, k, seeds)
 
     def _generate(self, prompts: list[str], k: int, seeds: list[int]) -> list[Candidate]:
-        s = self.config.sampling
+        s = self.settings
         prompt_ids = [self.encode_prompt(p) for p in prompts]
         jobs = [(i, j) for i in range(len(prompts)) for j in range(k)]
         generation_config = self._generation_config()
         pad = self.tokenizer.pad_token_id
         candidates = []
         self.model.eval()
-        for start in range(0, len(jobs), s.batch_size):
-            batch = jobs[start: start + s.batch_size]
+        batch_size = self.config.sampling.batch_size
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start: start + batch_size]
             rows = [prompt_ids[i] for i, _ in batch]
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -339,14 +375,14 @@ class LLMAdapter:
         world = self.accelerator.num_processes
 
         def micro_batch_loss(idx: torch.Tensor, mine: slice) -> torch.Tensor:
-            batch = sft_batch([chosen[i] for i in idx[mine]], self.tokenizer.pad_token_id, t.train_on_prompt)
+            batch = sft_batch([chosen[i] for i in idx[mine]], self.tokenizer.pad_token_id, self.settings.train_on_prompt)
             batch = {key: value.to(self.device) for key, value in batch.items()}
             logits = self.train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                       use_cache=False).logits
             # Sum over this process's tokens, divided by the tokens of the whole global micro-batch
             # (times the processes, which DDP's gradient mean divides out): every token weighs the
             # same, so N processes train exactly as one process with the N times larger batch.
-            total_tokens = int(sum(_loss_tokens(chosen[i], t.train_on_prompt) for i in idx))
+            total_tokens = int(sum(_loss_tokens(chosen[i], self.settings.train_on_prompt) for i in idx))
             return causal_lm_loss(logits, batch["labels"], reduction="sum") * world / max(total_tokens, 1)
 
         return self.finetuner.fit(len(chosen), micro_batch_loss)

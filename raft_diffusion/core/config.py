@@ -19,9 +19,10 @@ from typing import Any, Optional
 import yaml
 
 from raft_diffusion.core import plugins
+from raft_diffusion.core.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem, reported in one line that names the key."""
 
 
@@ -43,7 +44,6 @@ class LoraConfig:
     alpha: float = 4.0  # LoRA scaling numerator (scale = alpha / rank)
     targets: list[str] = field(default_factory=list)  # module names; empty: the adapter's default
     dropout: float = 0.0
-    text_encoder: bool = False  # diffusion: also put a LoRA on the text encoder(s)
 
 
 @dataclass
@@ -56,42 +56,15 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     lora: LoraConfig = field(default_factory=LoraConfig)
     init_lora: Optional[str] = None  # start from an exported LoRA folder instead of a fresh one
-    args: dict = field(default_factory=dict)  # settings of a plug-in adapter, which reads them itself
-    # diffusion adapter only
-    scheduler: str = "ddim"  # sampler: ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc | pretrained (the model folder's own), or a diffusers class name
-    safety_checker: bool = False  # load and run the pipeline's safety checker
-    vae: Optional[str] = None  # a separate VAE folder/id (e.g. an fp16-safe SDXL VAE)
-    # llm adapter only
-    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
-    trust_remote_code: bool = False  # only when you trust the model repository
+    args: dict = field(default_factory=dict)  # settings of a plug-in adapter without a section of its own
 
 
 @dataclass
 class SamplingConfig:
     k: int = 4  # candidates per prompt
     prompts_per_stage: int = 8  # prompts drawn per stage
-    batch_size: int = 16  # samples per model call (diffusion: images per UNet call, before CFG doubling)
+    batch_size: int = 16  # samples per model call (diffusion: images per denoiser call, before CFG doubling)
     seed_offset: int = 0  # added to candidate seeds (draw other candidates from the same run seed)
-    # diffusion adapter only
-    steps: int = 20  # denoising steps
-    guidance_scale: float = 7.5  # classifier-free guidance (1: off, half the cost)
-    guidance_rescale: float = 0.0  # rescale the guided prediction toward the conditional one's std (0: off;
-    # Lin et al. 2023, the stock pipelines' guidance_rescale: against over-exposure, suggested 0.7)
-    eta: float = 0.0  # DDIM eta (0: deterministic; > 0 needed for log_ratio)
-    height: Optional[int] = None  # pixels; None: the model's default
-    width: Optional[int] = None
-    negative_prompt: str = ""
-    compile: bool = False  # torch.compile the UNet for sampling (static shapes)
-    fuse_lora: bool = True  # sample with the LoRA folded into float32 weights, as diffusers' fuse_lora does
-    # (faster, most of all with LoRA on convolutions; costs a copy of the targeted weights while sampling;
-    # 16-bit weights always sample unfused: the sum would round small LoRA updates away)
-    # llm adapter only
-    temperature: float = 1.0  # the paper's lambda
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    stop: list[str] = field(default_factory=list)  # stop strings; the response is cut before them
 
 
 @dataclass
@@ -118,22 +91,6 @@ class TrainConfig:
     # Sample, evaluate, checkpoint and export an exponential moving average of the trainable weights,
     # updated after every optimizer step (diffusers' EMAModel, with its warm-up); 0: off.
     ema_decay: float = 0.0
-    # diffusion adapter only
-    snr_gamma: float = 0.0  # min-SNR weighting gamma (0: off; 5 is the usual value)
-    caption_dropout: float = 0.0  # probability of training a sample on the empty prompt (keeps CFG working)
-    guided_loss: bool = False  # the loss on the guided prediction sampling uses (uncond + w * (cond - uncond)), as DDPO trains; twice the UNet passes
-    # Which noise levels fine-tuning draws, as diffusers' SDXL training script biases them: a share of
-    # the timesteps (the noisiest with `later`, the cleanest with `earlier`, [begin, end) with `range`)
-    # is drawn `multiplier` times as often as the rest (0: never; the demo leaves out the cleanest
-    # seven eighths with `earlier`, 0.875, 0: it trains only where size and layout are decided);
-    # `none` draws uniformly.
-    timestep_bias_strategy: str = "none"  # none | later | earlier | range
-    timestep_bias_multiplier: float = 1.0
-    timestep_bias_portion: float = 0.25  # later/earlier: the share of the timesteps biased
-    timestep_bias_begin: int = 0  # range: first biased timestep
-    timestep_bias_end: int = 1000  # range: one past the last
-    # llm adapter only
-    train_on_prompt: bool = False  # also put loss on prompt tokens (LMFlow's RAFT does)
 
 
 @dataclass
@@ -201,9 +158,31 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # The settings of the adapter model.kind names, written in the section it declares (`diffusion:`,
+    # `llm:`) and built from its own dataclass (see `adapter_section`); None for an adapter without one.
+    adapter: Any = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "adapter":
+                if value is not None:
+                    data[adapter_section(self.model.kind)[0]] = dataclasses.asdict(value)
+            else:
+                data[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+        return data
+
+
+def adapter_section(kind: str) -> tuple[str, type] | None:
+    """(section name, settings dataclass) that the adapter ``kind`` declares as its class attributes
+    ``config_section`` and ``Settings``; None for an adapter without a section (it reads ``model.args``)."""
+    try:
+        cls = plugins.find("adapters", kind, "adapter")
+    except plugins.PluginError as err:
+        raise ConfigError(f"model.kind: {err}") from None
+    section, settings = getattr(cls, "config_section", None), getattr(cls, "Settings", None)
+    return (section, settings) if section and dataclasses.is_dataclass(settings) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,16 +266,21 @@ def _word_for_bool(value: bool, key: str) -> str:
 
 
 def _build(cls, data: dict, prefix: str):
+    """An instance of the dataclass ``cls`` from ``data``; a field typed ``Optional[SomeDataclass]``
+    is a section that stays None unless given."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    types_ = _field_types(cls)
+    types_ = {k: v for k, v in _field_types(cls).items() if not (cls is Config and k == "adapter")}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in types_:
             raise ConfigError(f"unknown config key {full!r}{_hint(str(key), types_)}")
         tp = types_[key]
-        if dataclasses.is_dataclass(tp):
+        optional = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(optional) == 1 and dataclasses.is_dataclass(optional[0]):
+            kwargs[key] = None if value is None else _build(optional[0], value, f"{full}.")
+        elif dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{full}.")
         elif key == "rewards" or key == "metrics":
             kwargs[key] = _reward_specs(value, full)
@@ -429,7 +413,21 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    config = _build(Config, data, "")
+    """A checked ``Config`` from a mapping: the core sections, and the section of the adapter that
+    ``model.kind`` names, built from that adapter's own dataclass."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+    core = {k: v for k, v in data.items() if k in _field_types(Config) and k != "adapter"}
+    config = _build(Config, core, "")
+    _check_kind(config.model.kind)
+    section = adapter_section(config.model.kind)
+    for key in data:
+        if key not in core and (section is None or key != section[0]):
+            own = f"; model.kind {config.model.kind!r} reads its settings from '{section[0]}:'" if section else ""
+            raise ConfigError(f"unknown config key {key!r}{_hint(str(key), [*core, *(section[:1] if section else [])])}{own}")
+    if section is not None:
+        name, settings = section
+        config.adapter = _build(settings, data.get(name) or {}, f"{name}.")
     validate(config)
     return config
 
@@ -449,7 +447,6 @@ _CHOICES = {
     "selection.strategy": ("local", "global", "local_then_global"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
-    "train.timestep_bias_strategy": ("none", "later", "earlier", "range"),
 }
 
 
@@ -458,40 +455,31 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_kind(kind: str) -> None:
+    kinds = plugins.names("adapters")
+    _check(kind in kinds or plugins.is_target(kind),
+           f"model.kind: {kind!r} is not one of {', '.join(kinds)} (or a 'package.module:Class' adapter)"
+           f"{_hint(str(kind), kinds)}")
+
+
 def validate(c: Config) -> None:
     """Refuse impossible values, naming the key."""
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
         _check(value in choices, f"{key}: {value!r} is not one of {', '.join(choices)}{_hint(str(value), choices)}")
-    kinds = plugins.names("adapters")
-    _check(c.model.kind in kinds or plugins.is_target(c.model.kind),
-           f"model.kind: {c.model.kind!r} is not one of {', '.join(kinds)} (or a 'package.module:Class' adapter)"
-           f"{_hint(str(c.model.kind), kinds)}")
+    _check_kind(c.model.kind)
     _check(bool(c.run.name.strip()) and "/" not in c.run.name, f"run.name: {c.run.name!r} must be a plain folder name")
     _check(c.run.stages >= 1, f"run.stages must be >= 1, got {c.run.stages}")
     _check(c.run.keep_checkpoints >= 0, f"run.keep_checkpoints must be >= 0, got {c.run.keep_checkpoints}")
     _check(c.run.cpu_threads >= 0, f"run.cpu_threads must be >= 0, got {c.run.cpu_threads}")
     _check(c.run.seed >= 0, f"run.seed must be >= 0, got {c.run.seed}")
     _check(c.model.lora.rank >= 0, f"model.lora.rank must be >= 0, got {c.model.lora.rank}")
-    _check(c.model.lora.rank > 0 or c.model.kind != "diffusion", "model.lora.rank must be >= 1 for diffusion models")
     _check(0.0 <= c.model.lora.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {c.model.lora.dropout}")
     s = c.sampling
     _check(s.k >= 1, f"sampling.k must be >= 1, got {s.k}")
     _check(s.prompts_per_stage >= 1, f"sampling.prompts_per_stage must be >= 1, got {s.prompts_per_stage}")
     _check(s.batch_size >= 1, f"sampling.batch_size must be >= 1, got {s.batch_size}")
-    _check(s.steps >= 1, f"sampling.steps must be >= 1, got {s.steps}")
-    _check(s.guidance_scale >= 0, f"sampling.guidance_scale must be >= 0, got {s.guidance_scale}")
-    _check(0.0 <= s.guidance_rescale <= 1.0, f"sampling.guidance_rescale must be in [0, 1], got {s.guidance_rescale}")
-    _check(0.0 <= s.eta <= 1.0, f"sampling.eta must be in [0, 1], got {s.eta}")
-    for dim in ("height", "width"):
-        value = getattr(s, dim)
-        _check(value is None or (value >= 8 and value % 8 == 0), f"sampling.{dim} must be a multiple of 8, got {value}")
-    _check(s.temperature > 0, f"sampling.temperature must be > 0, got {s.temperature}")
-    _check(0.0 < s.top_p <= 1.0, f"sampling.top_p must be in (0, 1], got {s.top_p}")
-    _check(s.top_k >= 0, f"sampling.top_k must be >= 0, got {s.top_k}")
-    _check(s.max_new_tokens >= 1, f"sampling.max_new_tokens must be >= 1, got {s.max_new_tokens}")
-    _check(0 <= s.min_new_tokens <= s.max_new_tokens, "sampling.min_new_tokens must be in [0, max_new_tokens]")
     sel = c.selection
     _check(0.0 < sel.keep <= 1.0, f"selection.keep must be in (0, 1], got {sel.keep}")
     _check(sel.beta >= 0 and math.isfinite(sel.beta), f"selection.beta must be >= 0, got {sel.beta}")
@@ -502,13 +490,7 @@ def validate(c: Config) -> None:
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     _check(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas must be two numbers in [0, 1)")
-    _check(t.snr_gamma >= 0, f"train.snr_gamma must be >= 0, got {t.snr_gamma}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    _check(0.0 <= t.caption_dropout < 1.0, f"train.caption_dropout must be in [0, 1), got {t.caption_dropout}")
-    _check(t.timestep_bias_multiplier >= 0, f"train.timestep_bias_multiplier must be >= 0, got {t.timestep_bias_multiplier}")
-    _check(0.0 < t.timestep_bias_portion <= 1.0, f"train.timestep_bias_portion must be in (0, 1], got {t.timestep_bias_portion}")
-    _check(0 <= t.timestep_bias_begin < t.timestep_bias_end,
-           f"train.timestep_bias_begin must be >= 0 and below timestep_bias_end, got {t.timestep_bias_begin} and {t.timestep_bias_end}")
     _check(0.0 <= t.lr_min_ratio <= 1.0, f"train.lr_min_ratio must be in [0, 1], got {t.lr_min_ratio}")
     r = c.replay
     _check(r.stages >= 0, f"replay.stages must be >= 0, got {r.stages}")

@@ -1,5 +1,4 @@
-"""Loading a Stable Diffusion (SD-1.x/2.x or SDXL) pipeline and LoRA folders, with one-line errors, and
-the model families (what differs between SD and SDXL): the plumbing under :mod:`raft_diffusion.adapters.diffusion`."""
+"""Loading a diffusers pipeline folder of a supported family and exported LoRA folders, with one-line errors."""
 
 from __future__ import annotations
 
@@ -12,7 +11,9 @@ from typing import NoReturn
 
 import torch
 
+from raft_diffusion.adapters.diffusion.families import Family, family_for, supported_pipelines
 from raft_diffusion.assets import resolve
+from raft_diffusion.core.errors import UserError
 from raft_diffusion.hub import hub_reachable, local_files_only, no_hub_reason
 
 SCHEDULERS = {
@@ -24,21 +25,18 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as in diffusers' LoRA scripts
-TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name values we run
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """The pipeline folder or hub id could not be loaded (one line: what was looked for, what to do)."""
 
 
-class LoraError(ValueError):
+class LoraError(UserError):
     """A LoRA folder that is missing or does not fit the model."""
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """A diffusers folder of a pipeline class this adapter does not run, or a setting it lacks."""
 
 
@@ -46,7 +44,7 @@ class UnsupportedModelError(ValueError):
 # Loading
 
 
-PRETRAINED_SCHEDULER = "pretrained"  # model.scheduler: the sampler the model folder ships with
+PRETRAINED_SCHEDULER = "pretrained"  # diffusion.scheduler: the sampler the model folder ships with
 
 
 def scheduler_class(name: str):
@@ -60,7 +58,7 @@ def scheduler_class(name: str):
     cls = getattr(diffusers, cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise UnsupportedModelError(
-            f"model.scheduler: unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}, "
+            f"diffusion.scheduler: unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}, "
             f"{PRETRAINED_SCHEDULER} (the model's own) or a diffusers class name"
         )
     return cls
@@ -88,19 +86,17 @@ def dtype_keyword() -> str:
     return "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
 
 
-def load_pipeline(model, dtype: torch.dtype = torch.float32):
-    """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (per the folder's ``model_index.json``)
-    for a ``ModelConfig``, on the CPU, with the sampler of ``model.scheduler`` (``pretrained``: the folder's).
+def load_pipeline(model, settings, dtype: torch.dtype = torch.float32) -> tuple[object, Family]:
+    """The pipeline of a ``ModelConfig`` (per the folder's ``model_index.json``) on the CPU, with the sampler
+    of ``settings.scheduler`` (``pretrained``: the folder's), and its :class:`Family`.
 
     ``model.pretrained`` is a local folder, a hub id (from the local cache only when offline) or
-    ``demo:NAME``; ``model.vae`` replaces the pipeline's VAE. An SDXL VAE that overflows in float16
-    (its config's ``force_upcast``, as diffusers' SDXL pipeline reads it) is kept in float32.
-    Anything that cannot be loaded raises :class:`ModelNotFoundError` in one line.
+    ``demo:NAME``; ``settings.vae`` replaces the pipeline's VAE. Anything that cannot be loaded
+    raises :class:`ModelNotFoundError` in one line.
     """
     import diffusers
     from diffusers import AutoencoderKL
 
-    sampler_cls = scheduler_class(model.scheduler)  # refuse a bad name before loading anything
     name = _local_or_hub(resolve(model.pretrained), "model.pretrained")
     folder = Path(name)
     if not folder.is_dir():  # a hub id: the snapshot from_pretrained would fetch (only the cache when the hub is out of reach)
@@ -116,25 +112,33 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
             f"model.pretrained={model.pretrained!r}: {folder} is not a diffusers pipeline folder (no model_index.json)"
         )
     class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    if class_name not in PIPELINES:
+    family = family_for(class_name)
+    if family is None:
         raise UnsupportedModelError(
             f"model.pretrained={model.pretrained!r} is a {class_name} folder; "
-            f"the diffusion adapter runs {' and '.join(PIPELINES)} folders"
+            f"the diffusion adapter runs {', '.join(supported_pipelines())} folders"
         )
-    xl = class_name == "StableDiffusionXLPipeline"
+    scheduler_name = settings.scheduler or family.default_scheduler or PRETRAINED_SCHEDULER
+    sampler_cls = scheduler_class(scheduler_name)  # refuse a bad name before loading weights
+    if family.objective == "flow" and sampler_cls is not None and not sampler_cls.__name__.startswith("FlowMatch"):
+        raise UnsupportedModelError(
+            f"diffusion.scheduler={settings.scheduler!r} is not a flow-matching sampler; a {family.name} model samples "
+            "with its folder's own (leave diffusion.scheduler unset) or a FlowMatch* diffusers class"
+        )
     kwargs = {dtype_keyword(): dtype, "revision": model.revision, "variant": model.variant}
-    if xl:
-        if model.safety_checker:
-            raise UnsupportedModelError("model.safety_checker: StableDiffusionXLPipeline has no safety checker; set it to false")
+    if class_name == "StableDiffusionPipeline":
+        if not settings.safety_checker:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+    elif settings.safety_checker:
+        raise UnsupportedModelError(f"diffusion.safety_checker: {class_name} has no safety checker; set it to false")
+    if class_name == "StableDiffusionXLPipeline":
         kwargs["add_watermarker"] = False  # we decode ourselves; rewards see the model's own pixels
-    elif not model.safety_checker:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if model.vae:
-        vae = _local_or_hub(resolve(model.vae), "model.vae")
+    if settings.vae:
+        vae = _local_or_hub(resolve(settings.vae), "diffusion.vae")
         try:
             kwargs["vae"] = AutoencoderKL.from_pretrained(vae, **{dtype_keyword(): dtype}, local_files_only=local_files_only())
         except (OSError, ValueError) as err:
-            _not_loaded("model.vae", vae, err)
+            _not_loaded("diffusion.vae", vae, err)
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as err:
@@ -142,12 +146,12 @@ def load_pipeline(model, dtype: torch.dtype = torch.float32):
     pipe.set_progress_bar_config(disable=True)
     if sampler_cls is not None:
         pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
-    if xl:
+    if class_name == "StableDiffusionXLPipeline":
         # SDXL's own VAE overflows in float16 (an fp16-safe one, e.g. madebyollin/sdxl-vae-fp16-fix, says so in its config).
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             pipe.vae.to(torch.float32)
         pipe.vae.enable_slicing()  # one image at a time: 1024-px activations take GBs per image
-    return pipe
+    return pipe, family(pipe)
 
 
 def _not_loaded(key: str, name: str, err: Exception) -> NoReturn:
@@ -178,7 +182,7 @@ def _local_or_hub(name: str, key: str) -> str:
 
 
 _LORA_KEY = re.compile(
-    r"^(unet|text_encoder|text_encoder_2)\.(.+)\."
+    r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\."
     r"(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
 )
 
@@ -195,7 +199,8 @@ def read_lora(path: str, pipeline_cls=None) -> tuple[str, str, dict]:
     folder, weight_name = (local.parent, local.name) if local.is_file() else (local, LORA_WEIGHTS)
     if not (folder / weight_name).is_file():
         raise LoraError(f"{path!r} holds no {LORA_WEIGHTS} (not a LoRA exported in diffusers format)")
-    state_dict, _ = (pipeline_cls or StableDiffusionPipeline).lora_state_dict(str(folder), weight_name=weight_name)
+    out = (pipeline_cls or StableDiffusionPipeline).lora_state_dict(str(folder), weight_name=weight_name)
+    state_dict = out[0] if isinstance(out, tuple) else out  # the UNet families also return network alphas
     return str(folder), weight_name, state_dict
 
 
@@ -218,9 +223,9 @@ def check_lora_fits(pipe, state_dict: dict, where: str) -> bool:
             continue
         match = _LORA_KEY.match(key)
         if match is None:
-            raise LoraError(f"{where}: unexpected key {key!r} (not a Stable Diffusion LoRA in diffusers format)")
+            raise LoraError(f"{where}: unexpected key {key!r} (not a LoRA in diffusers format)")
         component, name, kind = match.groups()
-        has_text_encoder |= component != "unet"
+        has_text_encoder |= component.startswith("text_encoder")
         try:
             module = _submodule(getattr(pipe, component, None) or torch.nn.Module(), name)
         except AttributeError:
@@ -273,114 +278,3 @@ def load_lora(pipe, path: str) -> bool:
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in module.named_parameters() if "lora_" in n]
-
-
-# ---------------------------------------------------------------------------------------------
-# Model families: the few places where SD and SDXL differ
-
-
-def model_family(pipe) -> "StableDiffusionFamily":
-    """The family object for a loaded pipeline."""
-    from diffusers import StableDiffusionXLPipeline
-
-    return (StableDiffusionXLFamily if isinstance(pipe, StableDiffusionXLPipeline) else StableDiffusionFamily)(pipe)
-
-
-def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-class StableDiffusionFamily:
-    """SD-1.x/2.x: one CLIP text encoder, whose last hidden states are the UNet's only condition.
-
-    Conditioning travels as a dict of batched tensors: ``embed_keys`` come from the text encoders
-    (``id_keys`` are their token ids, kept instead when a text-encoder LoRA trains), ``size_keys``
-    from the image size alone. ``unet_kwargs`` turns such a dict into the UNet's keywords.
-    """
-
-    text_encoder_names = ("text_encoder",)
-    embed_keys = ("prompt_embeds",)
-    id_keys = ("input_ids",)
-    size_keys = ()
-    zeros_for_empty_prompt = False  # unconditional side of guidance: the encoded "" (not zeros)
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    @property
-    def text_encoders(self) -> list[torch.nn.Module]:
-        return [getattr(self.pipe, name) for name in self.text_encoder_names]
-
-    def encode(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
-        """The pipeline's own ``encode_prompt``: ``prompt_embeds`` [P, 77, D]."""
-        return {"prompt_embeds": self.pipe.encode_prompt(prompts, device, 1, False)[0]}
-
-    def token_ids(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return {"input_ids": _token_ids(self.pipe.tokenizer, prompts)}
-
-    def embed_ids(self, ids: dict, text_encoders: list, device) -> dict[str, torch.Tensor]:
-        """What :meth:`encode` computes, from token ids through ``text_encoders`` (trainable or
-        DDP-wrapped ones included; with grad if enabled)."""
-        return {"prompt_embeds": text_encoders[0](ids["input_ids"].to(device))[0]}
-
-    def size_conditioning(self, height: int, width: int) -> dict[str, torch.Tensor]:
-        return {}
-
-    def unet_kwargs(self, cond: dict) -> dict:
-        return {"encoder_hidden_states": cond["prompt_embeds"]}
-
-    def text_encoder_lora_targets(self, name: str) -> list[str]:
-        return TEXT_ENCODER_LORA_TARGETS
-
-
-class StableDiffusionXLFamily(StableDiffusionFamily):
-    """SDXL: two CLIP text encoders, whose penultimate hidden states are concatenated; the UNet also
-    takes the pooled (projected) embedding of encoder 2 and six size ids (original size, crop
-    top-left, target size), as ``added_cond_kwargs``."""
-
-    text_encoder_names = ("text_encoder", "text_encoder_2")
-    embed_keys = ("prompt_embeds", "pooled_prompt_embeds")
-    id_keys = ("input_ids", "input_ids_2")
-    size_keys = ("add_time_ids",)
-
-    @property
-    def zeros_for_empty_prompt(self) -> bool:
-        return bool(self.pipe.config.get("force_zeros_for_empty_prompt", True))
-
-    def encode(self, prompts, device):
-        """``encode_prompt``: ``prompt_embeds`` [P, 77, D1 + D2] and ``pooled_prompt_embeds`` [P, D2]."""
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False)
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-    def token_ids(self, prompts):
-        return {"input_ids": _token_ids(self.pipe.tokenizer, prompts), "input_ids_2": _token_ids(self.pipe.tokenizer_2, prompts)}
-
-    def embed_ids(self, ids, text_encoders, device):
-        out_1 = text_encoders[0](ids["input_ids"].to(device), output_hidden_states=True)
-        out_2 = text_encoders[1](ids["input_ids_2"].to(device), output_hidden_states=True)
-        embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": out_2.text_embeds}
-
-    def size_conditioning(self, height, width):
-        """``add_time_ids`` [1, 6] float32: (height, width) original and target size, crop (0, 0), as the
-        stock pipeline's defaults."""
-        projection_dim = self.pipe.text_encoder_2.config.projection_dim
-        time_ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=torch.float32,
-                                               text_encoder_projection_dim=projection_dim)
-        return {"add_time_ids": time_ids}
-
-    def unet_kwargs(self, cond):
-        added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["add_time_ids"]}
-        return {"encoder_hidden_states": cond["prompt_embeds"], "added_cond_kwargs": added}
-
-    def text_encoder_lora_targets(self, name):
-        if name == "text_encoder_2":
-            return TEXT_ENCODER_LORA_TARGETS
-        # Encoder 1 is read at its penultimate layer: a LoRA on its last layer would never get a
-        # gradient (dead weights, and an error under DDP). Full module names leave that layer out.
-        encoder = self.pipe.text_encoder
-        last = f"layers.{encoder.config.num_hidden_layers - 1}."
-        return [n for n, _ in encoder.named_modules() if n.rsplit(".", 1)[-1] in TEXT_ENCODER_LORA_TARGETS and last not in n]
-
