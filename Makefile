@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/raft-diffusion train --config configs/demo.yaml --overwrite
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto  # one worker per core (pytest-xdist)
 
 $(VENV_MIN)/.installed: pyproject.toml tests/min-versions.txt
 	test -x $(PY_MIN) || $(PYTHON) -m venv $(VENV_MIN)

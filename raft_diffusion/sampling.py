@@ -45,6 +45,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, help="pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's)")
     parser.add_argument("--negative-prompt", help="negative prompt for guidance")
+    parser.add_argument("--max-sequence-length", type=int, help="T5 tokens per prompt (SD3, FLUX; default: the pipeline's)")
     parser.add_argument("--scheduler", help="ddim | ddpm | dpm++ | euler | euler_a | pndm | unipc, or a diffusers class name "
                         "(default: the model folder's own)")
     parser.add_argument("--batch-size", type=int, help="images per denoiser call")
@@ -60,7 +61,8 @@ def _config(args):
     data["selection"] = {}  # sampling needs no trajectories
     model_flags = dict(pretrained=args.model, init_lora=args.lora, dtype=args.dtype, device=args.device)
     diffusion_flags = dict(scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
-                           height=args.height, width=args.width, negative_prompt=args.negative_prompt)
+                           height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+                           max_sequence_length=args.max_sequence_length)
     model.update({k: v for k, v in model_flags.items() if v is not None})
     diffusion.update({k: v for k, v in diffusion_flags.items() if v is not None})
     if args.batch_size is not None:

@@ -12,6 +12,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
+def _progress_bars_not_quiet():
+    """``train(..., quiet=True)`` silences progress bars for the rest of the process; each test starts loud."""
+    yield
+    from raft_diffusion.core import progress
+
+    progress.set_quiet(False)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps process-wide state; a test that builds an Accelerator must not leak it."""
     yield

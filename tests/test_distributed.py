@@ -68,7 +68,7 @@ def test_two_processes_equal_one(tmp_path):
         "prompts.eval_items=[a red square, a blue circle]", "rewards=tests.plugins:brightness", "--quiet",
     ]
     one, two = one_and_two_processes(tmp_path, common, one_batch=4, port=29533)
-    assert_same_run(one, two, "pytorch_lora_weights.safetensors", "lora.up")
+    assert_same_run(one, two, "pytorch_lora_weights.safetensors", "lora_B")
 
 
 def test_llm_two_processes_equal_one(tmp_path):
