@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -83,3 +84,22 @@ def test_llm_two_processes_equal_one(tmp_path):
     # Responses differ in length: equality needs every token to weigh the same on both sides.
     one, two = one_and_two_processes(tmp_path, common, one_batch=4, port=29534)
     assert_same_run(one, two, "adapter_model.safetensors", "lora_B")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_families_two_processes_equal_one(family, tmp_path):
+    """A 2-stage run with a user's reward on a tiny SD3 / FLUX.1 folder, in one process and in two."""
+    from tests.flow_fixtures import build_tiny_flux, build_tiny_sd3
+
+    folder = (build_tiny_sd3 if family == "sd3" else build_tiny_flux)(tmp_path / family)
+    (tmp_path / "flow.yaml").write_text("model:\n  kind: diffusion\n")  # the defaults, not the demo's recipe
+    common = [
+        "--config", str(tmp_path / "flow.yaml"), f"model.pretrained={folder}", "model.device=cpu", "run.stages=2",
+        "sampling.k=2", "sampling.prompts_per_stage=4", "diffusion.steps=3", "diffusion.height=16", "diffusion.width=16",
+        "diffusion.max_sequence_length=16", "train.lr=2e-3", "train.steps_per_stage=3", "eval.every=1", "eval.k=1",
+        "eval.metrics=[]", "log.report=false", "rewards=tests.plugins:brightness", "--quiet",
+        "prompts.items=[a red circle, a blue square, a green cross, a white triangle, a purple cross]",
+        "prompts.eval_items=[a red square, a blue circle]",
+    ]
+    one, two = one_and_two_processes(tmp_path, common, one_batch=4, port=29535 if family == "sd3" else 29536)
+    assert_same_run(one, two, "pytorch_lora_weights.safetensors", "transformer.")

@@ -210,3 +210,53 @@ def test_a_family_is_added_without_touching_the_adapter(tiny_sd3):
     finally:
         FAMILIES.remove(FeedForwardSD3)
     assert not isinstance(make_adapter(tiny_sd3, 2.0).family, FeedForwardSD3)
+
+
+def test_prompt_conditioning_is_kept_once_per_prompt(tiny_flux, tmp_path):
+    """K candidates of a prompt share one copy of its embeddings: in memory, when gathered (pickled) and in
+    the replay pool's checkpoint, which shares it again when loaded."""
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from raft_diffusion.core.replay import TENSORS_FILE, ReplayPool
+
+    adapter = make_adapter(tiny_flux, 3.5, replay={"anchor_share": 0.5, "anchor_samples": 8})
+    prompts, k = ["a cat", "a dog"], 4
+    candidates = adapter.generate(prompts, k, list(range(len(prompts) * k)))
+    embeds = [c.payload["prompt_embeds"] for c in candidates]
+    assert len({id(e) for e in embeds}) == len(prompts)
+    assert all(embeds[i] is embeds[i - i % k] for i in range(len(embeds)))
+    per_prompt = embeds[0].numel() * embeds[0].element_size()
+    light = [type(c)(c.prompt, c.seed, None, c.payload, c.prompt_index, c.k_index) for c in candidates]
+    assert len(pickle.dumps(light)) < (len(prompts) + 1) * per_prompt + len(candidates) * 4096
+
+    pool = ReplayPool(adapter.config, seed=0)
+    pool.add_anchors(1, candidates, [0.0] * len(candidates))
+    pool.save(tmp_path)
+    stored = load_file(str(tmp_path / TENSORS_FILE))
+    assert sum(1 for name in stored if name.endswith("/prompt_embeds")) == len(prompts)
+    loaded = ReplayPool(adapter.config, seed=0)
+    loaded.load(tmp_path)
+    again = [e.candidate.payload["prompt_embeds"] for e in loaded.entries]
+    assert len({id(e) for e in again}) == len(prompts)
+    assert all(torch.equal(a, b) for a, b in zip(again, (e.candidate.payload["prompt_embeds"] for e in pool.entries)))
+
+
+@pytest.mark.parametrize("name", ["sd35_medium_aesthetic_512", "flux_dev_aesthetic_512"])
+def test_the_real_configs_build_an_adapter_for_their_family(name, tiny_sd3, tiny_flux):
+    """The shipped SD3.5 / FLUX.1-dev configs, pointed at a tiny folder of the same family: every setting
+    means something for it, and the LoRA targets exist in both streams."""
+    from accelerate import Accelerator
+
+    from raft_diffusion.adapters.diffusion import DiffusionAdapter
+    from raft_diffusion.core.config import load_config
+
+    folder = tiny_sd3 if name.startswith("sd35") else tiny_flux
+    config = load_config(f"configs/{name}.yaml", [f"model.pretrained={folder}", "model.dtype=float32", "train.mixed_precision=no",
+                                                  "diffusion.height=16", "diffusion.width=16"])
+    adapter = DiffusionAdapter(config, Accelerator(gradient_accumulation_steps=config.train.grad_accum, cpu=True))
+    assert adapter.family.objective == "flow" and adapter.settings.offload_text_encoders
+    adapted = {n.removesuffix(".lora_A").rsplit(".", 1)[-1] for n, _ in adapter.denoiser.named_modules() if n.endswith(".lora_A")}
+    assert {"to_q", "add_q_proj"} <= adapted
+    assert all(p.device.type == "cpu" for e in adapter.text_encoders for p in e.parameters())

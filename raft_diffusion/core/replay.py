@@ -84,15 +84,22 @@ class ReplayPool:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
+        """The pool's payloads, each tensor once: candidates of one prompt share their conditioning
+        (the same tensor object), and it is written once and shared again when loaded."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors, index = {}, []
+        tensors, names, index = {}, {}, []
         for i, e in enumerate(self.entries):
             c = e.candidate
-            tensors.update({f"{i}/{key}": value.clone() for key, value in c.payload.items()})  # a copy: safetensors refuses shared storage
+            refs = {}
+            for key, value in c.payload.items():
+                if id(value) not in names:
+                    names[id(value)] = f"{i}/{key}"
+                    tensors[names[id(value)]] = value.clone()  # a copy: safetensors refuses shared storage
+                refs[key] = names[id(value)]
             index.append({"prompt": c.prompt, "seed": c.seed, "prompt_index": c.prompt_index, "k_index": c.k_index,
-                          "reward": e.reward, "stage": e.stage, "anchor": e.anchor, "keys": sorted(c.payload)})
+                          "reward": e.reward, "stage": e.stage, "anchor": e.anchor, "tensors": refs})
         save_file(tensors, str(path / TENSORS_FILE))
         (path / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
 
@@ -105,7 +112,9 @@ class ReplayPool:
         tensors = load_file(str(path / TENSORS_FILE))
         self.entries = []
         for i, row in enumerate(json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))):
-            payload = {key: tensors[f"{i}/{key}"] for key in row["keys"]}
+            # "keys": a pool written with one copy of every tensor per candidate
+            refs = row.get("tensors") or {key: f"{i}/{key}" for key in row["keys"]}
+            payload = {key: tensors[name] for key, name in refs.items()}
             cand = Candidate(row["prompt"], row["seed"], None, payload, row["prompt_index"], row["k_index"])
             self.entries.append(Entry(cand, row["reward"], row["stage"], row["anchor"]))
 

@@ -101,6 +101,10 @@ class DiffusionAdapter:
             p.data = p.data.float()  # float32 even when the frozen model is half
             p.requires_grad_(True)
         self.pipe.to(self.device)
+        if self.settings.offload_text_encoders:
+            _check(not self.trains_text_encoder, "diffusion.offload_text_encoders: the text encoders train (text_encoder_lora)")
+            for encoder in self.text_encoders:
+                encoder.to("cpu")
         if t.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
             for encoder in self.train_modules[1:]:
@@ -224,7 +228,15 @@ class DiffusionAdapter:
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompt embeddings with the current text encoders (LoRA included), one row per prompt, under
         the family's ``embed_keys``."""
-        return self.family.encode(prompts, self.device, self.settings)
+        if not self.settings.offload_text_encoders:
+            return self.family.encode(prompts, self.device, self.settings)
+        for encoder in self.text_encoders:
+            encoder.to(self.device)
+        try:
+            return self.family.encode(prompts, self.device, self.settings)
+        finally:
+            for encoder in self.text_encoders:
+                encoder.to("cpu")
 
     def _as_unconditional(self, embeds: dict, prompt: str) -> dict:
         """``embeds`` of ``prompt`` as the unconditional side of guidance (or caption dropout): zeros
@@ -294,8 +306,12 @@ class DiffusionAdapter:
         cond = {k: v[:-1] for k, v in embeds.items()}
         uncond = self._as_unconditional({k: v[-1:] for k, v in embeds.items()}, s.negative_prompt)
         size = self.family.size_conditioning(*self.image_size)
-        # What the payload keeps per prompt: token ids (re-encoded in training) or the embeddings.
+        # What the payload keeps per prompt: token ids (re-encoded in training) or the embeddings; one
+        # tensor per prompt that its K candidates share (a T5's embeddings are MiBs a prompt), and one
+        # for the size ids.
         kept = self.family.token_ids(unique) if self.trains_text_encoder else {k: v.cpu() for k, v in cond.items()}
+        kept = {key: [v[r].clone() for r in range(len(unique))] for key, v in kept.items()}
+        size_ids = {key: v[0].cpu().clone() for key, v in size.items()}
         cand_rows = torch.tensor([row[p] for p in prompts for _ in range(k)])
 
         # 2. Denoise and decode in batches of sampling.batch_size across prompts and candidates.
@@ -312,9 +328,7 @@ class DiffusionAdapter:
             latents = out["latents"].float().cpu()
             for j, i in enumerate(idx):
                 r = int(cand_rows[i])
-                payload = {"latents": latents[j].clone()}
-                payload.update({key: v[r].clone() for key, v in kept.items()})
-                payload.update({key: v[0].clone() for key, v in size.items()})
+                payload = {"latents": latents[j].clone(), **{key: per_prompt[r] for key, per_prompt in kept.items()}, **size_ids}
                 if self.record:
                     payload["trajectory"] = out["trajectory"][j].clone()
                     payload["log_prob"] = out["log_prob"][j].clone()

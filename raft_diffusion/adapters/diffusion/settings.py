@@ -77,6 +77,8 @@ class DiffusionSettings:
     safety_checker: bool = False  # SD 1.x/2.x: load and run the pipeline's safety checker
     vae: Optional[str] = None  # a separate VAE folder/id (e.g. an fp16-safe SDXL VAE)
     text_encoder_lora: bool = False  # also put a LoRA on the CLIP text encoder(s) (SD 1.x/2.x, SDXL)
+    offload_text_encoders: bool = False  # keep the text encoders on the CPU, on the accelerator only while
+    # they encode prompts (once per prompt and stage): SD3's and FLUX's T5-XXL is 9.5 GB in bfloat16
     # Sampling, as the stock pipeline's __call__ takes it
     steps: Optional[int] = None  # denoising steps; None: the pipeline's default (SD/SDXL 50, SD3/FLUX 28)
     guidance_scale: Optional[float] = None  # classifier-free guidance (1: off, half the cost); FLUX.1-dev: the
