@@ -2,13 +2,18 @@
 
     python scripts/bench.py --device cpu --quick           # tiny models, under 2 minutes on 2 cores
     python scripts/bench.py --device cuda --sd15-size      # SD-1.5-sized random weights, 256 and 512 px
+    python scripts/bench.py --device cpu --quick --parts flow   # the flow families, tiny
 
 (a) sampling: the stock ``StableDiffusionPipeline.__call__`` vs the adapter's ``generate`` at equal
     settings and image count (both decode to PIL images), eager and, with --compile, compiled;
 (b) fine-tuning: a minimal hand-written LoRA denoising loop vs the adapter's ``finetune``;
-(c) one full RAFT stage split into phases (generate, score, select, fine-tune, checkpoint).
+(c) one full RAFT stage split into phases (generate, score, select, fine-tune, checkpoint);
+(d) the flow-matching families (``--parts flow``; tiny SD3 and FLUX.1 with --quick, SD3.5-Medium- and
+    FLUX.1-dev-sized otherwise): the stock ``StableDiffusion3Pipeline`` / ``FluxPipeline`` vs ``generate``,
+    and a minimal hand-written flow-matching LoRA step (diffusers' SD3/FLUX LoRA scripts) vs ``finetune``.
 The last line printed is one JSON object with every figure, including
-``sampling_ratio_vs_pipeline``, ``train_ratio_vs_reference`` and ``stage_overhead_fraction``.
+``sampling_ratio_vs_pipeline``, ``train_ratio_vs_reference``, ``stage_overhead_fraction`` and, for the
+flow families, ``flow_sampling_ratio_vs_pipeline`` and ``flow_train_ratio_vs_reference``.
 Random weights time exactly like real ones; nothing is downloaded.
 """
 
@@ -267,6 +272,114 @@ def bench_training(args, pipe_dir: str, resolution: int, reps: int, train_batch:
     return result
 
 
+# -- (d) the flow-matching families ---------------------------------------------------------------
+
+
+def flow_config(args, family: str, pipe_dir: str, resolution: int, train_batch: int) -> "object":
+    return from_dict({
+        "run": {"name": "bench", "output_dir": "/tmp", "stages": 1, "save_images": False},
+        "model": {"kind": "diffusion", "pretrained": pipe_dir, "dtype": args.dtype, "device": args.device},
+        "diffusion": {"steps": args.flow_steps, "guidance_scale": 3.5 if family == "flux" else 4.5, "height": resolution,
+                      "width": resolution, "max_sequence_length": args.flow_tokens,
+                      "flow": {"weighting_scheme": "logit_normal"}},
+        "sampling": {"k": args.k, "prompts_per_stage": args.prompts, "batch_size": args.flow_batch},
+        "train": {"lr": 1e-4, "steps_per_stage": args.train_steps, "batch_size": train_batch,
+                  "mixed_precision": "bf16" if args.device.startswith("cuda") else "no",
+                  "gradient_checkpointing": not args.quick},
+        "eval": {"every": 0},
+    })
+
+
+def bench_flow(args, family: str, pipe_dir: str, resolution: int, reps: int) -> dict:
+    """(sampling, fine-tuning) of one flow family against the stock pipeline and a hand-written LoRA step."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from peft import LoraConfig
+
+    from raft_diffusion.adapters.diffusion.loading import dtype_keyword
+    from raft_diffusion.core.loop import candidate_seeds
+
+    train_batch = args.train_batch if args.quick else 2
+    config = flow_config(args, family, pipe_dir, resolution, train_batch)
+    adapter = make_adapter(config)
+    s = adapter.settings
+    prompts = [f"a photo of a {c}" for c in ["cat", "dog", "ship", "truck", "bird", "frog", "deer", "horse", "plane", "car"]]
+    prompts = (prompts * args.prompts)[: args.prompts]
+    seeds = candidate_seeds(0, 1, range(len(prompts)), args.k)
+    flat_prompts = [p for p in prompts for _ in range(args.k)]
+    pipe_cls = getattr(diffusers, "FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline")
+    stock = pipe_cls.from_pretrained(pipe_dir, **{dtype_keyword(): adapter.dtype}).to(args.device)
+    stock.set_progress_bar_config(disable=True)
+
+    def run_stock():
+        for start in range(0, len(seeds), args.flow_batch):
+            chunk = slice(start, start + args.flow_batch)
+            stock(flat_prompts[chunk], num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=resolution,
+                  width=resolution, max_sequence_length=s.max_sequence_length, output_type="pil",
+                  generator=[torch.Generator("cpu").manual_seed(x) for x in seeds[chunk]])
+
+    sampling = alternate({"stock": run_stock, "ours": lambda: adapter.generate(prompts, args.k, seeds)}, args.device, reps)
+
+    # The reference fine-tuning step: diffusers' SD3/FLUX DreamBooth-LoRA scripts, minus their data loading.
+    chosen = adapter.generate(prompts[:1], 1, [0]) * max(8, train_batch)
+    x0 = torch.stack([c.payload["latents"] for c in chosen]).to(args.device, adapter.dtype)
+    embeds = chosen[0].payload["prompt_embeds"].to(args.device, adapter.dtype)
+    pooled = chosen[0].payload["pooled_prompt_embeds"].to(args.device, adapter.dtype)
+    transformer = stock.transformer
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=config.model.lora.rank, lora_alpha=config.model.lora.alpha,
+                                       target_modules=adapter.family.lora_targets))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if not args.quick:
+        transformer.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(stock.scheduler.config)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+
+    def run_reference():
+        for _ in range(args.train_steps):
+            lat = x0[torch.randint(0, len(x0), (train_batch,))]
+            noise = torch.randn_like(lat)
+            u = compute_density_for_timestep_sampling("logit_normal", train_batch, 0.0, 1.0)
+            index = (u * scheduler.config.num_train_timesteps).long()
+            t = scheduler.timesteps[index].to(args.device)
+            sigma = scheduler.sigmas[index].to(args.device, lat.dtype).view(-1, 1, 1, 1)
+            noisy = (1 - sigma) * lat + sigma * noise
+            b, c, h, w = lat.shape
+            with autocast:
+                if family == "flux":
+                    pred = transformer(hidden_states=stock._pack_latents(noisy, b, c, h, w), timestep=t / 1000,
+                                       guidance=torch.full([b], 3.5, device=args.device), pooled_projections=pooled.expand(b, -1),
+                                       encoder_hidden_states=embeds.expand(b, -1, -1), img_ids=stock._prepare_latent_image_ids(b, h // 2, w // 2, args.device, lat.dtype),
+                                       txt_ids=torch.zeros(embeds.shape[0], 3, device=args.device), return_dict=False)[0]
+                    pred = stock._unpack_latents(pred, h * stock.vae_scale_factor, w * stock.vae_scale_factor, stock.vae_scale_factor)
+                else:
+                    pred = transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=embeds.expand(b, -1, -1),
+                                       pooled_projections=pooled.expand(b, -1), return_dict=False)[0]
+                loss = torch.nn.functional.mse_loss(pred.float(), (noise - lat).float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    reset_peak(args.device)
+    training = alternate({"reference": run_reference, "ours": lambda: adapter.finetune(chosen)}, args.device, reps)
+    n_images, samples = len(seeds), args.train_steps * train_batch
+    result = {
+        "family": family, "resolution": resolution, "images": n_images, "steps": s.steps,
+        "stock_img_s": n_images / sampling["stock"], "ours_img_s": n_images / sampling["ours"],
+        "sampling_ratio": sampling["stock"] / sampling["ours"],
+        "train_batch": train_batch, "reference_samples_s": samples / training["reference"],
+        "ours_samples_s": samples / training["ours"], "train_ratio": training["reference"] / training["ours"],
+        "peak_gib": peak_gib(args.device),
+    }
+    del stock, transformer, optimizer, adapter
+    return result
+
+
 # -- (c) one full stage ---------------------------------------------------------------------------
 
 
@@ -344,6 +457,7 @@ def main() -> None:
     parser.add_argument("--parts", default="sampling,training,stage", help="comma-separated subset to run")
     parser.add_argument("--train-steps", dest="train_steps_override", type=int, default=None, help="LoRA steps per timing (default: the paper's 80)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models run fastest on one)")
+    parser.add_argument("--flow-families", default="sd3,flux", help="--parts flow: which of sd3, flux")
     args = parser.parse_args()
     if args.quick == args.sd15_size:
         parser.error("choose one of --quick and --sd15-size")
@@ -359,6 +473,9 @@ def main() -> None:
         args.prompts, args.k, args.batch, args.steps, args.guidance = 10, 10, 50, 50, 7.5
         args.train_steps, args.train_batch = 80, 8
     args.train_steps = args.train_steps_override or args.train_steps
+    # Flow families: flow_grpo's sampling at 512 px (10 steps) scaled down to 16-px tiny models for --quick.
+    args.flow_steps, args.flow_tokens, args.flow_batch = (10, 16, 16) if args.quick else (10, 256, 8)
+    args.flow_resolution = 16 if args.quick else 512
     parts = set(args.parts.split(","))
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -366,7 +483,8 @@ def main() -> None:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp())
     preset = "tiny" if args.quick else "sd15"
-    pipe_dir = str(build_random_sd(work / preset, preset=preset, sample_size=16 if args.quick else 64, device=args.device))
+    if parts - {"flow"}:
+        pipe_dir = str(build_random_sd(work / preset, preset=preset, sample_size=16 if args.quick else 64, device=args.device))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     results: dict = {"device": device_name, "torch": torch.__version__, "preset": preset, "sampling": [], "training": [], "stage": []}
     results["matmul_peak_tflops"] = matmul_peak_tflops(args.device)
@@ -392,6 +510,22 @@ def main() -> None:
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in r["phases_s"].items())
         rows.append(f"stage {res0}px ({r['images']} images, {r['train_steps']} steps of batch {r['train_batch']}): {r['stage_s']:.2f}s = {phases}; overhead {r['overhead_fraction']:.1%}; 10 stages {r['projected_10_stages_min']:.2f} min")
         print(rows[-1], flush=True)
+
+    results["flow"] = []
+    for family in args.flow_families.split(",") if "flow" in parts else []:
+        from scripts.demo.random_flow import build_flux, build_sd3
+
+        size = "tiny" if args.quick else ("sd35_medium" if family == "sd3" else "flux_dev")
+        folder = str((build_sd3 if family == "sd3" else build_flux)(work / family, preset=size))
+        r = bench_flow(args, family, folder, args.flow_resolution, args.reps)
+        results["flow"].append(r)
+        rows.append(f"{family} {r['resolution']}px ({size}): sampling stock {r['stock_img_s']:.2f} img/s, ours {r['ours_img_s']:.2f} img/s, "
+                    f"ratio {r['sampling_ratio']:.2f}; fine-tune batch {r['train_batch']} reference {r['reference_samples_s']:.1f} "
+                    f"samples/s, ours {r['ours_samples_s']:.1f} samples/s, ratio {r['train_ratio']:.2f}; peak {r['peak_gib']:.1f} GiB")
+        print(rows[-1], flush=True)
+    if results["flow"]:
+        results["flow_sampling_ratio_vs_pipeline"] = min(r["sampling_ratio"] for r in results["flow"])
+        results["flow_train_ratio_vs_reference"] = min(r["train_ratio"] for r in results["flow"])
 
     eager = [s["ratio"] for s in results["sampling"] if not s["compiled"]]
     compiled = [s["ratio"] for s in results["sampling"] if s["compiled"]]

@@ -89,9 +89,9 @@ def test_llm_two_processes_equal_one(tmp_path):
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_flow_families_two_processes_equal_one(family, tmp_path):
     """A 2-stage run with a user's reward on a tiny SD3 / FLUX.1 folder, in one process and in two."""
-    from tests.flow_fixtures import build_tiny_flux, build_tiny_sd3
+    from scripts.demo.random_flow import build_flux, build_sd3
 
-    folder = (build_tiny_sd3 if family == "sd3" else build_tiny_flux)(tmp_path / family)
+    folder = (build_sd3 if family == "sd3" else build_flux)(tmp_path / family)
     (tmp_path / "flow.yaml").write_text("model:\n  kind: diffusion\n")  # the defaults, not the demo's recipe
     common = [
         "--config", str(tmp_path / "flow.yaml"), f"model.pretrained={folder}", "model.device=cpu", "run.stages=2",

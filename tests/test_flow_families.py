@@ -1,4 +1,4 @@
-"""SD3 and FLUX.1 on the diffusion adapter: tiny random-weight folders built offline (tests/flow_fixtures.py)."""
+"""SD3 and FLUX.1 on the diffusion adapter: tiny random-weight folders built offline (scripts/demo/random_flow.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.flow_fixtures import build_tiny_flux, build_tiny_sd3
+from scripts.demo.random_flow import build_flux, build_sd3
 from tests.sd_fixtures import load_lora_collecting_messages
 from tests.test_diffusion_adapter import _merge, latents, one_line, pixels
 
@@ -23,12 +23,12 @@ BASE = {
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
-    return str(build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3")))
+    return str(build_sd3(tmp_path_factory.mktemp("tiny_sd3")))
 
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
-    return str(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux")))
+    return str(build_flux(tmp_path_factory.mktemp("tiny_flux")))
 
 
 @pytest.fixture(params=["sd3", "flux"])
