@@ -335,7 +335,7 @@ def test_distinct_n():
 def test_llm_run_through_the_loop_shows_its_loss(lm_dir, tmp_path, capsys):
     from raft_diffusion.core.loop import format_stage_line
     from raft_diffusion.core.protocols import TRAIN_STATS
-    from raft_diffusion.train import train
+    from raft_diffusion.recipe import train
 
     config = make_config(lm_dir, run={"output_dir": str(tmp_path), "name": "llm", "stages": 2, "save_images": False},
                          prompts={"items": PROMPTS, "eval_items": ["a movie is"]}, eval={"every": 1, "k": 4},

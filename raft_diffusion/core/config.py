@@ -188,6 +188,9 @@ class LogConfig:
 
 @dataclass
 class Config:
+    # Modules imported before any name is looked up: they register plug-ins (``@register_reward``),
+    # e.g. [mypkg.rewards]; a module beside the config file is found from any working folder.
+    imports: list[str] = field(default_factory=list)
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -429,15 +432,42 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def from_dict(data: dict) -> Config:
+    """A config from a mapping (missing keys take the dataclass defaults): its ``imports`` imported, validated."""
     config = _build(Config, data, "")
+    for i, module in enumerate(config.imports):
+        try:
+            plugins.import_module(module)
+        except plugins.PluginError as err:
+            raise ConfigError(f"imports[{i}]: {err}") from None
     validate(config)
     return config
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
-    data = load_yaml(path) if path else {}
-    return from_dict(apply_overrides(data, list(overrides or [])))
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def default_config_path(overrides: list[str] = ()) -> Path:
+    """The packaged offline demo of the adapter the overrides name: ``configs/llm_demo.yaml`` for
+    ``model.kind=llm`` (the image demo's LoRA targets name no layer of a language model), else
+    ``configs/demo.yaml``."""
+    kinds = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "model.kind"]
+    return PACKAGED_CONFIGS / ("llm_demo.yaml" if kinds and kinds[-1] == "llm" else "demo.yaml")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, imports: list[str] = ()) -> Config:
+    """Load a YAML config, apply ``key=value`` overrides, import its ``imports`` (and ``imports``), validate.
+
+    Without a path: the command line's default, the packaged demo config (:func:`default_config_path`);
+    ``from_dict({})`` gives the bare dataclass defaults. Modules beside the config file can be named
+    by ``imports`` and reward or adapter targets from any working folder."""
+    overrides = list(overrides or [])
+    path = Path(path) if path else default_config_path(overrides)
+    data = load_yaml(path)
+    plugins.add_search_folder(path.parent)
+    data = apply_overrides(data, overrides)
+    if imports:
+        data["imports"] = _coerce(data.get("imports") or [], list[str], "imports") + list(imports)
+    return from_dict(data)
 
 
 def save_config(config: Config, path: str | Path) -> None:
