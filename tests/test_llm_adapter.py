@@ -352,6 +352,11 @@ def test_llm_run_through_the_loop_shows_its_loss(lm_dir, tmp_path, capsys):
     assert "loss " in capsys.readouterr().out  # the stage lines printed during the run
     assert 'alt="loss"' in run_dir.report.read_text()  # the report plots it
     assert (run_dir.final / "adapter_config.json").is_file()
+    # save_images: false keeps the held-out texts (eval.k of them per evaluation), which the report shows.
+    for stage in range(3):
+        held_out = [json.loads(line) for line in (run_dir.stage_dir(stage) / "eval_samples.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in held_out] == ["a movie is"] * 4 and all(isinstance(r["output"], str) for r in held_out)
+    assert "Held-out samples" in run_dir.report.read_text()
     assert trained[1]["n_trained_on"] == 2 * trained[0]["n_trained_on"]  # stage 2 also replays stage 1's chosen
     assert (run_dir.checkpoint_dir(2) / "replay.json").is_file()
     assert json.loads((run_dir.root / "outcome.json").read_text())["rule"] == "best eval_reward"

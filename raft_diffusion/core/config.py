@@ -32,7 +32,7 @@ class RunConfig:
     seed: int = 0  # every random draw of the run derives from it (prompts, candidates, training)
     stages: int = 4  # number of generate -> score -> select -> fine-tune stages
     keep_checkpoints: int = 0  # keep only the newest N stage checkpoints (0: keep all)
-    save_images: bool = True  # write stages/NNNNNN/grid.png (image runs)
+    save_images: bool = True  # write stages/NNNNNN/grid.png and eval_grid.png (image runs; text runs always keep eval_samples.jsonl)
     grid_prompts: int = 4  # prompts shown in each stage grid
     cpu_threads: int = 0  # torch threads when running on the CPU (0: torch's default); tiny models run best on 1
 

@@ -153,15 +153,17 @@ class StageImages:
     ``run.grid_prompts`` prompts with their K candidates sorted by reward, the chosen ones in a
     green frame. :meth:`eval_grid` (the loop's ``on_eval``): the held-out prompts in candidate
     order, from the same fixed seeds at every evaluation, so one picture can be followed across
-    stages. Text runs get ``eval_samples.jsonl`` instead (their chosen samples are in chosen.jsonl).
+    stages. Text runs get ``eval_samples.jsonl`` instead (their chosen samples are in chosen.jsonl),
+    written whatever ``run.save_images`` says: it is small, and the report shows it.
     """
 
     def __init__(self, config):
+        self.save_images = config.run.save_images
         self.grid_prompts = config.run.grid_prompts
         self.eval_prompts = EVAL_GRID_PROMPTS
 
     def __call__(self, *, stage: int, folder: Path, prompts: list[str], candidates: list, rewards, chosen: list[int], first_prompt: int = 0, **_) -> Path | None:
-        if self.grid_prompts <= 0 or not candidates or not _is_image(candidates[0].output):
+        if not self.save_images or self.grid_prompts <= 0 or not candidates or not _is_image(candidates[0].output):
             return None
         k = rewards.shape[1]
         flat = [float(v) for v in rewards.reshape(-1)]
@@ -201,7 +203,7 @@ class StageImages:
                 lines.append(json.dumps({**entry, "output": cand.output}))
             atomic_write_text(folder / EVAL_SAMPLES_FILE, "\n".join(lines) + "\n")
             return folder / EVAL_SAMPLES_FILE
-        if not _is_image(candidates[0].output):
+        if not self.save_images or not _is_image(candidates[0].output):
             return None
         values = [rewards.reshape(-1)] + [v.reshape(-1) for v in metrics.values()]
         rows: dict[int, tuple[str, list]] = {}
