@@ -112,7 +112,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     from raft_diffusion import report
 
     log = (lambda _msg: None) if quiet else progress.write
-    images = report.StageImages(config)  # grids if run.save_images; a text run's held-out samples always
+    images = report.StageImages(config)
     metrics_logger = report.MetricsLogger(config, run_dir, start_after, log=log) if dist.is_main() else None
     loop = RaftLoop(
         config,
@@ -120,9 +120,10 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
         reward,
         run_dir,
         eval_metrics=eval_metrics,
-        on_stage=images,
+        on_stage=images if config.run.save_images else None,
         log=log,
-        on_eval=images.eval_grid,
+        # run.save_images: false drops the image grids; a text run's held-out samples are always kept
+        on_eval=images.eval_grid if config.run.save_images else images.eval_samples,
         on_record=metrics_logger.log if metrics_logger else None,
     )
     # A full disk or a vanished run folder ends the run in one line; finished stages stay resumable.
