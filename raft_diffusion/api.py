@@ -64,13 +64,13 @@ def _importable_name(fn: Callable) -> str | None:
         return None
 
 
-def _function_spec(fn: Callable, where: str) -> dict:
+def _function_spec(fn: Callable, where: str, name: str | None = None) -> dict:
     """The reward spec of a callable: a ``module:function`` target when it can be imported again (so the
     run folder's config.yaml resumes from the command line), else a name registered in this process."""
     target = _importable_name(fn)
     if target:
-        return {"target": target}
-    name = getattr(fn, "__name__", None) or type(fn).__name__
+        return {"target": target, **({"name": name} if name else {})}
+    name = name or getattr(fn, "__name__", None) or type(fn).__name__
     if not name.isidentifier():
         raise ConfigError(f"{where}: a reward function needs a name (a def, not a lambda), got {name!r}")
     from raft_diffusion.rewards.registry import _RewardFunction, register_reward
@@ -78,13 +78,14 @@ def _function_spec(fn: Callable, where: str) -> dict:
     # A function passed earlier under this name (a notebook cell run again) is replaced; a built-in is not.
     if name in plugins.names("rewards") and not isinstance(plugins.registered("rewards", name), _RewardFunction):
         raise ConfigError(f"{where}: reward function {name!r} has the name of another reward; rename the function")
-    register_reward(fn)
+    register_reward(name)(fn)
     return {"name": name}
 
 
 def _reward_spec(reward: RewardLike, where: str) -> Any:
     if isinstance(reward, dict) and callable(reward.get("target")):
-        return {**{k: v for k, v in reward.items() if k != "target"}, **_function_spec(reward["target"], where)}
+        rest = {k: v for k, v in reward.items() if k not in ("target", "name")}
+        return {**rest, **_function_spec(reward["target"], where, reward.get("name"))}
     if callable(reward):
         return _function_spec(reward, where)
     return reward  # a name, a "module:function" target or a spec: checked with the config

@@ -44,6 +44,14 @@ def test_rewards_as_functions_names_and_specs(tmp_path):
     assert spec == {"name": "local_brightness"}  # not importable: registered in this process
     assert build_reward([spec]).parts[0][0] == "local_brightness"
     assert _reward_spec({"target": local_brightness, "weight": 2.0}, "rewards[0]") == {"name": "local_brightness", "weight": 2.0}
+
+    class Darkness:  # a callable object: named after its class
+        def __call__(self, outputs, prompts):
+            return [-1.0] * len(outputs)
+
+    assert _reward_spec({"target": Darkness(), "name": "dark"}, "rewards[1]") == {"name": "dark"}
+    assert _reward_spec(Darkness(), "rewards[1]") == {"name": "Darkness"}
+    assert build_reward([{"name": "dark"}])(["x"], ["p"]).tolist() == [-1.0]
     assert _reward_spec("brightness", "rewards[0]") == "brightness"
 
     def brightness(outputs, prompts):

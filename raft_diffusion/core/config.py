@@ -455,7 +455,8 @@ def default_config_path(overrides: list[str] = ()) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, imports: list[str] = ()) -> Config:
-    """Load a YAML config, apply ``key=value`` overrides, import its ``imports`` (and ``imports``), validate.
+    """Load a YAML config, apply ``key=value`` overrides, import the modules its ``imports`` key and
+    ``imports`` name (``raft-diffusion train --import``), validate.
 
     Without a path: the command line's default, the packaged demo config (:func:`default_config_path`);
     ``from_dict({})`` gives the bare dataclass defaults. Modules beside the config file can be named

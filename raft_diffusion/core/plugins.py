@@ -63,7 +63,7 @@ def _entry_points(kind: str) -> dict:
 
 
 def names(kind: str) -> list[str]:
-    """Every name ``kind`` can be looked up by (registered or installed)."""
+    """Every name ``kind`` can be looked up by (registered, built in or installed)."""
     _check_kind(kind)
     return sorted(set(_REGISTERED[kind]) | set(_BUILTIN[kind]) | set(_entry_points(kind)))
 
@@ -82,21 +82,15 @@ def add_search_folder(folder: str | os.PathLike) -> None:
 
 
 def import_module(module_name: str) -> Any:
-    """Import a user's module: from ``sys.path``, then the working folder, then the folders of the
-    configs loaded (:func:`add_search_folder`); whatever its import raises becomes one line."""
-    # As ``python -m`` would find it; the working folder comes last, so it never shadows an installed package.
-    add_search_folder(os.getcwd())
+    """Import a user's module from ``sys.path``, to which the folders of the configs loaded
+    (:func:`add_search_folder`) and the working folder are appended; whatever its import raises
+    becomes one line."""
+    add_search_folder(os.getcwd())  # as ``python -m`` would find it, but last: it never shadows a package
     try:
         return importlib.import_module(module_name)
     except Exception as err:  # whatever a plug-in's import raises is reported in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise PluginError(f"cannot import module {module_name!r} ({type(err).__name__}: {first})") from None
-
-
-def import_modules(module_names: list[str]) -> None:
-    """Import the modules a config lists under ``imports`` (they register plug-ins as they load)."""
-    for name in module_names:
-        import_module(name)
 
 
 def import_target(target: str) -> Any:
