@@ -1,6 +1,6 @@
 """The ``raft-diffusion`` command.
 
-    raft-diffusion train [--config FILE] [key=value ...] [--resume | --overwrite] [--quiet]
+    raft-diffusion train [--config FILE] [--import MODULE ...] [key=value ...] [--resume | --overwrite] [--quiet]
     raft-diffusion sample --model PATH_OR_ID --prompt TEXT --out DIR [--lora DIR] [--n 4] [--seed 0]
     raft-diffusion score IMAGES... [--reward aesthetic] [--prompt TEXT] [--out scores.csv]
     raft-diffusion report RUN_DIR
@@ -17,17 +17,6 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-
-PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def default_config_path(overrides: list[str] = ()) -> Path:
-    """The packaged offline demo of the adapter the overrides name: ``configs/llm_demo.yaml`` for
-    ``model.kind=llm`` (the image demo's LoRA targets name no layer of a language model), else
-    ``configs/demo.yaml``."""
-    kinds = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "model.kind"]
-    return PACKAGED_CONFIGS / ("llm_demo.yaml" if kinds and kinds[-1] == "llm" else "demo.yaml")
-
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input and become one line + exit 2."""
@@ -75,16 +64,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raft_diffusion.core.config import load_config
     from raft_diffusion.core.loop import RunInterrupted
 
-    config_path = args.config or default_config_path(args.overrides)
-    config = load_config(config_path, args.overrides)
-    from raft_diffusion.train import train
+    config = load_config(args.config, args.overrides, imports=args.imports)
+    from raft_diffusion.recipe import train
 
     try:
         run_dir = train(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     except RunInterrupted as err:
         run_root = Path(config.run.output_dir) / config.run.name
         overrides = " ".join(args.overrides)
-        cfg = f" --config {args.config}" if args.config else ""
+        cfg = (f" --config {args.config}" if args.config else "") + "".join(f" --import {m}" for m in args.imports)
         print(
             f"interrupted ({err}); the run in {run_root} is resumable: raft-diffusion train{cfg} {overrides} --resume".replace("  ", " "),
             file=sys.stderr,
@@ -116,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="run RAFT stages (default config: the offline demo)")
     train.add_argument("--config", "-c", help="YAML config (default: the packaged configs/demo.yaml, or configs/llm_demo.yaml with model.kind=llm)")
+    train.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import a module that registers rewards or adapters before the config is read (repeatable)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. run.stages=3 sampling.k=8")
     train.add_argument("--resume", action="store_true", help="continue after the last complete stage")
     train.add_argument("--overwrite", action="store_true", help="move an existing run aside and start over")

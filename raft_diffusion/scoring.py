@@ -4,7 +4,8 @@
 
 Folders are searched recursively for png/jpg/jpeg/webp/bmp files, except a folder written by
 ``raft-diffusion sample``: its ``samples.jsonl`` lists the samples (not its ``grid.png``) and their
-prompts, which prompt-aware rewards such as ``clip_score`` get unless ``--prompt`` is given. Files
+prompts, which prompt-aware rewards such as ``clip_score`` get unless ``--prompt`` is given (the
+output has a column of the prompt each image was scored with). Files
 that cannot be read are reported on stderr and skipped. Exit status: 0 when at least one image was
 scored, 2 otherwise.
 """
@@ -135,21 +136,22 @@ def load_models(reward, reward_args: dict) -> None:
             ) from None
 
 
-def _write(rows: list[tuple[str, float]], out: str | None) -> None:
+def _write(rows: list[tuple[str, float, str]], out: str | None) -> None:
+    """``(path, score, prompt)`` rows as a table on stdout, or a .csv / .jsonl file."""
     if out is None:
-        for path, score in rows:
-            print(f"{score:12.4f}  {path}")
+        for path, score, prompt in rows:
+            print(f"{score:12.4f}  {path}" + (f"  {prompt!r}" if prompt else ""))
         return
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="") as f:
+    with open(out_path, "w", newline="", encoding="utf-8") as f:
         if OUT_FORMATS[out_path.suffix.lower()] == "csv":
             writer = csv.writer(f)
-            writer.writerow(["path", "score"])
+            writer.writerow(["path", "score", "prompt"])
             writer.writerows(rows)
         else:
-            for path, score in rows:
-                f.write(json.dumps({"path": path, "score": score}) + "\n")
+            for path, score, prompt in rows:
+                f.write(json.dumps({"path": path, "score": score, "prompt": prompt}) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     reward = build_reward([_spec(args.reward, reward_args)], args.device)
     load_models(reward, reward_args)
 
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, float, str]] = []
     n_bad = len(errors)
     for start in range(0, len(files), CHUNK):
         paths, images = [], []
@@ -182,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         if images:
             texts = [args.prompt if args.prompt is not None else prompts.get(p, "") for p in paths]
             scores = reward(images, texts)
-            rows.extend((str(p), float(s)) for p, s in zip(paths, scores))
+            rows.extend((str(p), float(s), t) for p, s, t in zip(paths, scores, texts))
 
     if not rows:
         print("error: no image could be read", file=sys.stderr)

@@ -1,10 +1,16 @@
 """Run a config under named sets of overrides and tabulate what each does to the held-out metrics.
 
-    python scripts/ablate.py --config configs/demo.yaml --variants configs/ablation.yaml --out runs/ablation
+    python scripts/ablate.py --config configs/demo.yaml --variants variants.yaml --out runs/ablation
     python scripts/ablate.py ... --split train      # tune on the training prompts (fresh seeds), not held-out
     python scripts/ablate.py ... --only base,replay3 --extra run.seed=1
 
-``--variants`` is a YAML mapping ``name: [key=value, ...]``. Each variant is an ordinary
+``--variants`` is a YAML file of your own, a mapping ``name: [key=value, ...]``, for example::
+
+    base: []
+    replay0: [replay.stages=0]
+    lr_half: [train.lr=1.5e-4]
+
+Each variant is an ordinary
 ``raft-diffusion train`` run (in a subprocess, one after the other) in ``OUT/<name>``; the table
 (``OUT/ablation.md``, also printed) gives, per variant, the change of every held-out metric from
 the starting model to the exported stage, with its paired standard error, and the wall time.

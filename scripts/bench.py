@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raft_diffusion.core.config import from_dict  # noqa: E402
-from raft_diffusion.demo.random_sd import build_random_sd  # noqa: E402
+from scripts.demo.random_sd import build_random_sd  # noqa: E402
 
 
 def sync(device: str) -> None:

@@ -75,7 +75,7 @@ def _folder_mb(path: Path) -> float:
 
 def build_image(out: Path, quick: bool, seed: int, threads: int | None, reuse_sd: Path | None = None,
                 reuse_clip: Path | None = None) -> None:
-    from raft_diffusion.demo.build_image import ImageBuildConfig, build_image_assets
+    from scripts.demo.build_image import ImageBuildConfig, build_image_assets
 
     cfg = ImageBuildConfig.quick(seed) if quick else ImageBuildConfig(seed=seed)
     if threads:
@@ -105,7 +105,7 @@ def build_image(out: Path, quick: bool, seed: int, threads: int | None, reuse_sd
 
 
 def build_text(out: Path, quick: bool, seed: int) -> None:
-    from raft_diffusion.demo.build_text import build_text_assets
+    from scripts.demo.build_text import build_text_assets
 
     start = time.time()
     figures = build_text_assets(out, quick=quick, seed=seed)

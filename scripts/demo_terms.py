@@ -32,7 +32,7 @@ from raft_diffusion.core.config import load_config  # noqa: E402
 from raft_diffusion.core.protocols import Candidate  # noqa: E402
 from raft_diffusion.demo import world  # noqa: E402
 from raft_diffusion.rewards import build_reward  # noqa: E402
-from raft_diffusion.train import make_accelerator, quiet_model_libraries  # noqa: E402
+from raft_diffusion.recipe import make_accelerator, quiet_model_libraries  # noqa: E402
 
 
 def describe(name: str, images: list, prompts: list[str], proxy: np.ndarray) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raft_diffusion.demo.random_sd import build_random_sd
+from scripts.demo.random_sd import build_random_sd
 
 
 def build_tiny_sd(

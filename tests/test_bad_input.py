@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from raft_diffusion.cli import main
-from raft_diffusion.demo.random_sd import build_random_sd
+from scripts.demo.random_sd import build_random_sd
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,8 @@ def test_overrides_reach_list_entries_by_index():
     "override, message",
     [
         ("rewards.1.args.clip=demo", "rewards.1 is out of range, rewards has 1 entry (index 0)"),
-        ("eval.metrics.0.weight=2", "eval.metrics.0 is out of range, eval.metrics has no entries"),
+        ("eval.metrics.2.weight=2", "eval.metrics.2 is out of range, eval.metrics has 2 entries (indexes 0-1)"),
+        ("prompts.eval_items.0=a", "prompts.eval_items.0 is out of range, prompts.eval_items has no entries"),
         ("rewards.args.clip=demo", "rewards is a list; name an entry by its index, e.g. rewards.0"),
         ("run.name.x=1", "run.name is a value"),
     ],
@@ -162,7 +163,7 @@ def test_every_shipped_config_loads_and_its_guard_names_logged_metrics(path):
 
 
 def test_the_default_config_follows_the_adapter_kind():
-    from raft_diffusion.cli import default_config_path
+    from raft_diffusion.core.config import default_config_path
 
     for overrides, kind in (([], "diffusion"), (["run.stages=2"], "diffusion"), (["model.kind=llm"], "llm"),
                             (["model.kind = llm", "run.seed=1"], "llm"), (["model.kind=llm", "model.kind=diffusion"], "diffusion")):

@@ -3,7 +3,7 @@
 import json
 
 from raft_diffusion.core.config import load_config
-from raft_diffusion.train import train
+from raft_diffusion.recipe import train
 
 
 def test_point_flow_adapter_runs_through_the_loop(tmp_path):

@@ -100,7 +100,7 @@ def test_gold_aesthetic_rewards_size_centring_contrast_and_cleanliness():
 
 
 def test_layout_captions_read_size_place_faintness_and_specks_off_the_pixels():
-    from raft_diffusion.demo.build_image import layout_caption
+    from scripts.demo.build_image import layout_caption
 
     prompt = "a red square on a black background"
 
@@ -137,7 +137,7 @@ def test_gold_rewards_are_registered():
 def test_tokenizer_gives_one_token_per_world_word(tmp_path):
     from transformers import CLIPTokenizer
 
-    from raft_diffusion.demo.build_image import make_tokenizer
+    from scripts.demo.build_image import make_tokenizer
 
     tokenizer = make_tokenizer(tmp_path / "tok")
     tokenizer.save_pretrained(tmp_path / "saved")
@@ -152,7 +152,7 @@ def test_tokenizer_gives_one_token_per_world_word(tmp_path):
 def test_quick_build_runs_end_to_end_and_loads_back(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from raft_diffusion.demo.build_image import AestheticHead, build_image_assets, load_clip
+    from scripts.demo.build_image import AestheticHead, build_image_assets, load_clip
 
     figures = build_image_assets(tmp_path, quick=True, log=lambda msg: None)
     assert {"sd_eval_alignment", "head_vs_gold_eval_samples", "vae_recon_alignment", "seconds"} <= set(figures)

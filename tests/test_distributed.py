@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raft_diffusion.demo.random_sd import build_random_sd
+from scripts.demo.random_sd import build_random_sd
 from tests.lm_fixtures import build_tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]

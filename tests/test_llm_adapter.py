@@ -336,7 +336,7 @@ def test_distinct_n():
 def test_llm_run_through_the_loop_shows_its_loss(lm_dir, tmp_path, capsys):
     from raft_diffusion.core.loop import format_stage_line
     from raft_diffusion.core.protocols import TRAIN_STATS
-    from raft_diffusion.train import train
+    from raft_diffusion.recipe import train
 
     config = make_config(lm_dir, run={"output_dir": str(tmp_path), "name": "llm", "stages": 2, "save_images": False},
                          prompts={"items": PROMPTS, "eval_items": ["a movie is"]}, eval={"every": 1, "k": 4},
@@ -353,6 +353,11 @@ def test_llm_run_through_the_loop_shows_its_loss(lm_dir, tmp_path, capsys):
     assert "loss " in capsys.readouterr().out  # the stage lines printed during the run
     assert 'alt="loss"' in run_dir.report.read_text()  # the report plots it
     assert (run_dir.final / "adapter_config.json").is_file()
+    # save_images: false keeps the held-out texts (eval.k of them per evaluation), which the report shows.
+    for stage in range(3):
+        held_out = [json.loads(line) for line in (run_dir.stage_dir(stage) / "eval_samples.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in held_out] == ["a movie is"] * 4 and all(isinstance(r["output"], str) for r in held_out)
+    assert "Held-out samples" in run_dir.report.read_text()
     assert trained[1]["n_trained_on"] == 2 * trained[0]["n_trained_on"]  # stage 2 also replays stage 1's chosen
     assert (run_dir.checkpoint_dir(2) / "replay.json").is_file()
     assert json.loads((run_dir.root / "outcome.json").read_text())["rule"] == "best eval_reward"

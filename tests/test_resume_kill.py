@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from raft_diffusion.demo.random_sd import build_random_sd
+from scripts.demo.random_sd import build_random_sd
 from tests.lm_fixtures import build_tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]

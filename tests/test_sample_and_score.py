@@ -62,11 +62,12 @@ def test_score_on_a_sample_folder_scores_exactly_the_samples_with_their_prompts(
     assert (samples / "grid.png").is_file()
     out = tmp_path / "scores.csv"
     assert main(["score", str(samples), "--reward", "tests.test_sample_and_score:prompt_length", "--out", str(out)]) == 0
-    rows = {row["path"].rpartition("/")[2]: float(row["score"]) for row in read_rows(out)}
-    assert rows == {"000_seed3.png": 5.0, "001_seed4.png": 5.0, "002_seed5.png": 5.0, "003_seed6.png": 5.0}
+    rows = {row["path"].rpartition("/")[2]: (float(row["score"]), row["prompt"]) for row in read_rows(out)}
+    assert rows == {"000_seed3.png": (5.0, "a cat"), "001_seed4.png": (5.0, "a cat"),
+                    "002_seed5.png": (5.0, "a dog"), "003_seed6.png": (5.0, "a dog")}
     assert main(["score", str(samples), "--reward", "tests.test_sample_and_score:prompt_length", "--prompt", "a bird",
                  "--out", str(out)]) == 0
-    assert {float(row["score"]) for row in read_rows(out)} == {6.0}
+    assert {(float(row["score"]), row["prompt"]) for row in read_rows(out)} == {(6.0, "a bird")}
     # A sample folder inside a folder being searched counts its samples only, too.
     shutil.copytree(samples, tmp_path / "all" / "run1")
     Image.new("RGB", (8, 8)).save(tmp_path / "all" / "extra.png")

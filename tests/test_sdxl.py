@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from raft_diffusion.demo.random_sd import build_random_sd
+from scripts.demo.random_sd import build_random_sd
 from tests.sd_fixtures import load_lora_collecting_messages
 from tests.test_diffusion_adapter import latents, make_adapter, make_config, one_line, pixels
 

@@ -41,3 +41,23 @@ def test_is_gradient_checkpointing_future_warning_is_hidden_and_no_other():
         assert model.is_gradient_checkpointing is False  # as peft reads it when it wraps a model
         warnings.warn("`gradient_checkpointing_enable` is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["`gradient_checkpointing_enable` is deprecated"]
+
+
+def test_sampling_equal_length_prompts_gives_no_attention_mask_warning(tmp_path):
+    """transformers drops an all-ones mask and warns at any pad token fed back in: finished rows get EOS."""
+    from tests.lm_fixtures import build_tiny_lm
+    from tests.test_llm_adapter import make_adapter, make_config
+
+    adapter = make_adapter(make_config(build_tiny_lm(tmp_path / "lm"), sampling={"max_new_tokens": 12, "batch_size": 16}))
+    logging.Logger.warning_once.cache_clear()  # a warning shown earlier in this process would not show again
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        candidates = adapter.generate(["the movie was"], 16, list(range(16)))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    lengths = [len(c.payload["response_ids"]) for c in candidates]
+    assert min(lengths) < 12 <= max(lengths)  # rows that finished early went on being filled while others ran
+    assert not [m for m in messages if "attention_mask" in m]

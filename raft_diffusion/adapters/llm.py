@@ -287,7 +287,9 @@ class LLMAdapter:
             min_new_tokens=s.min_new_tokens or None,
             stop_strings=list(s.stop) or None,
             eos_token_id=self.eos_ids,
-            pad_token_id=pad,
+            # Finished rows are filled with EOS, not padding: transformers drops an all-ones attention
+            # mask (a batch of equal-length prompts) and then warns about any pad token fed back in.
+            pad_token_id=self.eos_ids[0],
             suppress_tokens=None if pad in self.eos_ids else [pad],  # a response never contains padding
             use_cache=True,
         )

@@ -19,7 +19,10 @@ def resolve(path_or_id: str) -> str:
     name = path_or_id[len(PREFIX):].strip("/")
     path = DEMO_DIR / name
     if not path.exists():
+        known = ", ".join(sorted(PREFIX + p.name for p in DEMO_DIR.iterdir() if p.name != "manifest.json"))
         raise MissingAssetError(
-            f"demo asset {path_or_id!r} is not built ({path} missing); run: python scripts/build_demo_assets.py"
+            f"demo asset {path_or_id!r} is not packaged ({path} missing); the demo assets are {known}. "
+            "An installation without them is incomplete: reinstall raft-diffusion (from a source checkout, "
+            "`make assets` rebuilds them)"
         )
     return str(path)

@@ -33,7 +33,7 @@ class RunConfig:
     seed: int = 0  # every random draw of the run derives from it (prompts, candidates, training)
     stages: int = 4  # number of generate -> score -> select -> fine-tune stages
     keep_checkpoints: int = 0  # keep only the newest N stage checkpoints (0: keep all)
-    save_images: bool = True  # write stages/NNNNNN/grid.png (image runs)
+    save_images: bool = True  # write stages/NNNNNN/grid.png and eval_grid.png (image runs; text runs always keep eval_samples.jsonl)
     grid_prompts: int = 4  # prompts shown in each stage grid
     cpu_threads: int = 0  # torch threads when running on the CPU (0: torch's default); tiny models run best on 1
 
@@ -145,6 +145,9 @@ class LogConfig:
 
 @dataclass
 class Config:
+    # Modules imported before any name is looked up: they register plug-ins (``@register_reward``),
+    # e.g. [mypkg.rewards]; a module beside the config file is found from any working folder.
+    imports: list[str] = field(default_factory=list)
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -413,12 +416,18 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    """A checked ``Config`` from a mapping: the core sections, and the section of the adapter that
-    ``model.kind`` names, built from that adapter's own dataclass."""
+    """A checked ``Config`` from a mapping (missing keys take the dataclass defaults): its ``imports``
+    imported, the core sections, and the section of the adapter that ``model.kind`` names, built from
+    that adapter's own dataclass."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
     core = {k: v for k, v in data.items() if k in _field_types(Config) and k != "adapter"}
     config = _build(Config, core, "")
+    for i, module in enumerate(config.imports):
+        try:
+            plugins.import_module(module)
+        except plugins.PluginError as err:
+            raise ConfigError(f"imports[{i}]: {err}") from None
     _check_kind(config.model.kind)
     section = adapter_section(config.model.kind)
     for key in data:
@@ -432,10 +441,32 @@ def from_dict(data: dict) -> Config:
     return config
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
-    data = load_yaml(path) if path else {}
-    return from_dict(apply_overrides(data, list(overrides or [])))
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def default_config_path(overrides: list[str] = ()) -> Path:
+    """The packaged offline demo of the adapter the overrides name: ``configs/llm_demo.yaml`` for
+    ``model.kind=llm`` (the image demo's LoRA targets name no layer of a language model), else
+    ``configs/demo.yaml``."""
+    kinds = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "model.kind"]
+    return PACKAGED_CONFIGS / ("llm_demo.yaml" if kinds and kinds[-1] == "llm" else "demo.yaml")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, imports: list[str] = ()) -> Config:
+    """Load a YAML config, apply ``key=value`` overrides, import the modules its ``imports`` key and
+    ``imports`` name (``raft-diffusion train --import``), validate.
+
+    Without a path: the command line's default, the packaged demo config (:func:`default_config_path`);
+    ``from_dict({})`` gives the bare dataclass defaults. Modules beside the config file can be named
+    by ``imports`` and reward or adapter targets from any working folder."""
+    overrides = list(overrides or [])
+    path = Path(path) if path else default_config_path(overrides)
+    data = load_yaml(path)
+    plugins.add_search_folder(path.parent)
+    data = apply_overrides(data, overrides)
+    if imports:
+        data["imports"] = _coerce(data.get("imports") or [], list[str], "imports") + list(imports)
+    return from_dict(data)
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -4,11 +4,12 @@ A name given in a config (``model.kind``, ``rewards[].name``, ``prompts.builtin`
 in this order, among
 
 1. what was registered in this process: ``register("rewards", "sharpness", fn)`` (what
-   ``@register_reward`` does);
-2. the entry points of installed packages, group ``raft_diffusion.<kind>``: this package declares
-   its own adapters, rewards and demo prompt sets there (``pyproject.toml``), and any installed
-   package can add its own the same way;
-3. a ``package.module:attribute`` target, imported as written.
+   ``@register_reward`` does), for instance by a module a config lists under ``imports``;
+2. this package's built-ins (its adapters, rewards and demo prompt sets), declared as
+   ``module:attribute`` targets by ``raft_diffusion/__init__.py``, so a checkout works uninstalled;
+3. the entry points of installed packages, group ``raft_diffusion.<kind>``: any installed
+   package can add its own there (``pyproject.toml``);
+4. a ``package.module:attribute`` target, imported as written.
 
 Only the entry asked for is imported, so a text run never pays for open_clip.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 KINDS = ("adapters", "rewards", "prompts")
 _REGISTERED: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+_BUILTIN: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
 
 
 class PluginError(LookupError):
@@ -43,19 +45,52 @@ def register(kind: str, name: str, obj: Any) -> Any:
     return obj
 
 
+def registered(kind: str, name: str) -> Any:
+    """What was registered in this process as ``name`` (None if nothing was)."""
+    _check_kind(kind)
+    return _REGISTERED[kind].get(name)
+
+
+def declare_builtins(kind: str, targets: dict[str, str]) -> None:
+    """Declare this package's own ``name -> "module:attribute"`` entries (imported when first asked for)."""
+    _check_kind(kind)
+    _BUILTIN[kind].update(targets)
+
+
 @lru_cache(maxsize=None)
 def _entry_points(kind: str) -> dict:
     return {ep.name: ep for ep in entry_points(group=f"raft_diffusion.{kind}")}
 
 
 def names(kind: str) -> list[str]:
-    """Every name ``kind`` can be looked up by (registered or installed)."""
+    """Every name ``kind`` can be looked up by (registered, built in or installed)."""
     _check_kind(kind)
-    return sorted(set(_REGISTERED[kind]) | set(_entry_points(kind)))
+    return sorted(set(_REGISTERED[kind]) | set(_BUILTIN[kind]) | set(_entry_points(kind)))
 
 
 def is_target(name: str) -> bool:
     return isinstance(name, str) and ":" in name
+
+
+def add_search_folder(folder: str | os.PathLike) -> None:
+    """Let user modules in ``folder`` (a config file's folder) be imported from any working folder.
+
+    It goes last on ``sys.path``, so it never shadows an installed package."""
+    folder = os.path.abspath(folder)
+    if folder not in sys.path:
+        sys.path.append(folder)
+
+
+def import_module(module_name: str) -> Any:
+    """Import a user's module from ``sys.path``, to which the folders of the configs loaded
+    (:func:`add_search_folder`) and the working folder are appended; whatever its import raises
+    becomes one line."""
+    add_search_folder(os.getcwd())  # as ``python -m`` would find it, but last: it never shadows a package
+    try:
+        return importlib.import_module(module_name)
+    except Exception as err:  # whatever a plug-in's import raises is reported in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise PluginError(f"cannot import module {module_name!r} ({type(err).__name__}: {first})") from None
 
 
 def import_target(target: str) -> Any:
@@ -63,14 +98,7 @@ def import_target(target: str) -> Any:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise PluginError(f"{target!r} must look like 'package.module:attribute'")
-    # A user's module next to the config (``mypkg/rewards.py`` in the working folder) is found as
-    # ``python -m`` would find it; the working folder comes last, so it never shadows an installed package.
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # whatever a plug-in's import raises is reported in one line
-        raise PluginError(f"cannot import module {module_name!r} ({type(err).__name__}: {err})") from None
+    module = import_module(module_name)
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -84,6 +112,9 @@ def find(kind: str, name: str, what: str | None = None) -> Any:
     _check_kind(kind)
     if name in _REGISTERED[kind]:
         return _REGISTERED[kind][name]
+    if name in _BUILTIN[kind]:  # this package's own code: an error in it keeps its traceback
+        module_name, _, attr = _BUILTIN[kind][name].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
     if name in _entry_points(kind):
         return _entry_points(kind)[name].load()
     if is_target(name):

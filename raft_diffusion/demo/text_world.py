@@ -16,7 +16,7 @@ loop never trains on (every subject and opening still appears in both splits).
 text (lower-cased words matched against :data:`POSITIVE_WORDS` / :data:`NEGATIVE_WORDS`; the
 corpus contains no negations, so a word means what it says). It scores the response alone and
 is never shown to RAFT: the loop reports it next to the proxy reward (a small sentiment
-classifier trained on labelled reviews of this corpus, see ``demo/build_text.py``).
+classifier trained on labelled reviews of this corpus, see ``scripts/demo/build_text.py``).
 """
 
 from __future__ import annotations

@@ -186,23 +186,31 @@ class StageImages:
         )
         return _save_png(grid, Path(folder) / GRID_FILE)
 
+    def eval_samples(self, *, folder: Path, candidates: list, rewards, metrics: dict | None = None, **_) -> Path | None:
+        """``eval_samples.jsonl`` of a text run's evaluation (None for other outputs): small, so a run
+        with ``run.save_images: false`` keeps it too."""
+        if not candidates or not isinstance(candidates[0].output, str):
+            return None
+        k = rewards.shape[1]
+        lines = []
+        for cand in candidates:
+            i = cand.prompt_index * k + cand.k_index
+            entry = {"prompt": cand.prompt, "prompt_index": cand.prompt_index, "k_index": cand.k_index, "reward": float(rewards.reshape(-1)[i])}
+            entry.update({name: float(v.reshape(-1)[i]) for name, v in (metrics or {}).items()})
+            lines.append(json.dumps({**entry, "output": cand.output}))
+        atomic_write_text(Path(folder) / EVAL_SAMPLES_FILE, "\n".join(lines) + "\n")
+        return Path(folder) / EVAL_SAMPLES_FILE
+
     def eval_grid(self, *, stage: int, folder: Path, candidates: list, rewards, metrics: dict | None = None, **_) -> Path | None:
         if not candidates:
+            return None
+        if isinstance(candidates[0].output, str):
+            return self.eval_samples(folder=folder, candidates=candidates, rewards=rewards, metrics=metrics)
+        if not _is_image(candidates[0].output):
             return None
         k = rewards.shape[1]
         metrics = metrics or {}
         folder = Path(folder)
-        if isinstance(candidates[0].output, str):
-            lines = []
-            for cand in candidates:
-                i = cand.prompt_index * k + cand.k_index
-                entry = {"prompt": cand.prompt, "prompt_index": cand.prompt_index, "k_index": cand.k_index, "reward": float(rewards.reshape(-1)[i])}
-                entry.update({name: float(v.reshape(-1)[i]) for name, v in metrics.items()})
-                lines.append(json.dumps({**entry, "output": cand.output}))
-            atomic_write_text(folder / EVAL_SAMPLES_FILE, "\n".join(lines) + "\n")
-            return folder / EVAL_SAMPLES_FILE
-        if not _is_image(candidates[0].output):
-            return None
         values = [rewards.reshape(-1)] + [v.reshape(-1) for v in metrics.values()]
         rows: dict[int, tuple[str, list]] = {}
         for cand in sorted(candidates, key=lambda c: (c.prompt_index, c.k_index)):

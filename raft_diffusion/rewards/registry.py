@@ -2,13 +2,15 @@
 
 A reward maps generated outputs (PIL images for diffusion, strings for language models) and
 their prompts to one float per output; higher is better. Anything callable as
-``reward(outputs, prompts) -> sequence of floats`` is a reward. A name refers to a *factory*: a
-function or class that takes the config's ``args`` as keywords and returns the callable, registered
-with :func:`register_reward` or declared as an entry point (see :mod:`raft_diffusion.core.plugins`).
+``reward(outputs, prompts) -> sequence of floats`` is a reward. A name refers to a reward function
+registered with :func:`register_reward`, or to a *factory*: a function or class that takes the
+config's ``args`` as keywords and returns the callable (``register_reward(..., factory=True)``, the
+built-ins, entry points; see :mod:`raft_diffusion.core.plugins`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Callable
@@ -21,15 +23,53 @@ __all__ = ["FunctionReward", "Reward", "RewardError", "WeightedReward", "availab
            "build_reward_fn", "import_target", "register_reward", "to_scores"]
 
 
-def register_reward(name: str):
-    """Register a reward factory under ``name`` (usable as ``rewards: [{name: ...}]``) for this process.
+class _RewardFunction:
+    """A registered ``(outputs, prompts)`` function as a factory: a config's ``args`` become its keyword arguments."""
 
-    Installed packages can also declare rewards as entry points of the group
-    ``raft_diffusion.rewards`` (this package's built-ins are declared there).
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, **args):
+        if not args:
+            return self.fn
+        inspect.signature(self.fn).bind(None, None, **args)  # a TypeError names an unknown argument
+        return functools.partial(self.fn, **args)
+
+
+def register_reward(name: str | Callable | None = None, *, factory: bool = False):
+    """Register a reward for this process, usable as ``rewards: [{name: ...}]``.
+
+    By default the decorated callable *is* the reward, ``(outputs, prompts) -> one float per
+    output``; a config's ``args`` are passed to it as keyword arguments::
+
+        @register_reward                    # registered as "redness"
+        def redness(images, prompts): ...
+
+        @register_reward("red")             # registered as "red"
+        def redness(images, prompts, channel=0): ...
+
+    With ``factory=True`` the decorated callable is a *factory*: called once with the config's
+    ``args`` (and ``device`` if it takes one), it returns the reward (the form of the built-ins)::
+
+        @register_reward("sharpness", factory=True)
+        def sharpness(threshold=0.5):
+            return lambda images, prompts: ...
+
+    A module that registers rewards is imported by a config's ``imports: [mypkg.rewards]`` or
+    ``raft-diffusion train --import mypkg.rewards``. Installed packages can also declare factories
+    as entry points of the group ``raft_diffusion.rewards``.
     """
+    if callable(name):  # bare @register_reward
+        plugins.register("rewards", name.__name__, _RewardFunction(name))
+        return name
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"register_reward: the name must be a string, got {type(name).__name__}")
 
-    def wrap(factory):
-        return plugins.register("rewards", name, factory)
+    def wrap(fn):
+        if not callable(fn):
+            raise TypeError(f"register_reward: {fn!r} is not callable")
+        plugins.register("rewards", name or fn.__name__, fn if factory else _RewardFunction(fn))
+        return fn
 
     return wrap
 

@@ -72,6 +72,7 @@ def load_reward_models(reward: WeightedReward, key: str) -> None:
 def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunDir:
     """Run (or resume) the RAFT run that ``config`` describes; returns its run folder."""
     progress.set_quiet(quiet)
+    quiet_model_libraries()
     # 1. Check everything that needs no model (prompts, rewards, guard, the run folder), then load the reward models.
     _, eval_prompts = load_prompts(config.prompts)
     accelerator = make_accelerator(config)  # first: it sets up the process group under accelerate launch
@@ -102,7 +103,6 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
             save_config(config, run_dir.config)
 
     # 2. Build the model.
-    quiet_model_libraries()
     from raft_diffusion.adapters import build_adapter
 
     with progress.phase(f"loading {config.model.pretrained}"):
@@ -112,7 +112,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     from raft_diffusion import report
 
     log = (lambda _msg: None) if quiet else progress.write
-    images = report.StageImages(config) if config.run.save_images else None
+    images = report.StageImages(config)
     metrics_logger = report.MetricsLogger(config, run_dir, start_after, log=log) if dist.is_main() else None
     loop = RaftLoop(
         config,
@@ -120,9 +120,10 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
         reward,
         run_dir,
         eval_metrics=eval_metrics,
-        on_stage=images,
+        on_stage=images if config.run.save_images else None,
         log=log,
-        on_eval=images.eval_grid if images else None,
+        # run.save_images: false drops the image grids; a text run's held-out samples are always kept
+        on_eval=images.eval_grid if config.run.save_images else images.eval_samples,
         on_record=metrics_logger.log if metrics_logger else None,
     )
     # A full disk or a vanished run folder ends the run in one line; finished stages stay resumable.

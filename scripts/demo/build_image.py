@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from raft_diffusion.demo import world
-from raft_diffusion.demo.random_sd import bytes_to_unicode
+from scripts.demo.random_sd import bytes_to_unicode
 
 CLIP_MODEL_NAME = "demo-clip"
 SPECIALS = ("<|startoftext|>", "<|endoftext|>")
