@@ -31,7 +31,7 @@ def test_the_example_trains_with_a_reward_function(tmp_path):
     # The function is named by an importable target, so the run folder's config resumes from the command line.
     saved = yaml.safe_load((run.folder / "config.yaml").read_text())
     assert [spec["target"] for spec in saved["rewards"]] == ["examples.python_api:redness"]
-    assert saved["run"]["stages"] == 2 and saved["sampling"]["steps"] == 4
+    assert saved["run"]["stages"] == 2 and saved["diffusion"]["steps"] == 4
 
 
 def test_rewards_as_functions_names_and_specs(tmp_path):

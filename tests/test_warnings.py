@@ -48,7 +48,7 @@ def test_sampling_equal_length_prompts_gives_no_attention_mask_warning(tmp_path)
     from tests.lm_fixtures import build_tiny_lm
     from tests.test_llm_adapter import make_adapter, make_config
 
-    adapter = make_adapter(make_config(build_tiny_lm(tmp_path / "lm"), sampling={"max_new_tokens": 12, "batch_size": 16}))
+    adapter = make_adapter(make_config(build_tiny_lm(tmp_path / "lm"), sampling={"batch_size": 16}, llm={"max_new_tokens": 12}))
     logging.Logger.warning_once.cache_clear()  # a warning shown earlier in this process would not show again
     messages = []
     handler = logging.Handler()
