@@ -1,0 +1,189 @@
+"""PickScore, HPSv2 and ImageReward on tiny random-weight models saved in their real formats.
+
+Each parity test computes the reference implementation's score step by step (its preprocessing and
+its math, the version named) from the same files and checks the reward gives it to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clip_fixtures import clip_configs, sample_images, tiny_config  # noqa: F401  (fixture)
+from raft_diffusion.rewards import RewardError, build_reward
+from raft_diffusion.train import load_reward_models
+
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+PROMPTS = ["a red circle", "a blue square on green", "a cat", "two dogs", "a very long prompt " * 12]
+
+
+def images(n=5):
+    return [Image.fromarray(a) for a in sample_images(n)]  # 40 x 48: resized and cropped
+
+
+def pil_resize_crop(image: Image.Image, size: int, crop_left_top) -> np.ndarray:
+    """Shorter side to ``size`` with PIL's bicubic filter, longer side int(size * long / short), then crop."""
+    w, h = image.size
+    new = (int(size * w / h), size) if w >= h else (size, int(size * h / w))
+    array = np.asarray(image.resize(new, Image.BICUBIC), dtype=np.float32)
+    top, left = crop_left_top(new[1], new[0])
+    return array[top : top + size, left : left + size]
+
+
+def normalise(hwc_unit: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(((hwc_unit - MEAN) / STD).transpose(2, 0, 1).copy())
+
+
+# ---------------------------------------------------------------------------------------------
+# PickScore: a transformers CLIP folder and a processor folder
+
+
+@pytest.fixture(scope="module")
+def pickscore_files(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from raft_diffusion.assets import resolve
+
+    root = tmp_path_factory.mktemp("pickscore")
+    tokenizer = CLIPTokenizer.from_pretrained(resolve("demo:sd/tokenizer"))
+    tokenizer.save_pretrained(root / "processor")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "processor")
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16, logit_scale_init_value=3.0,
+    )
+    CLIPModel(config).save_pretrained(root / "model")
+    return {"model": str(root / "model"), "processor": str(root / "processor")}
+
+
+def test_pickscore_matches_the_model_card(pickscore_files):
+    """PickScore_v1's model card (its README's inference code, transformers 4.x): the processor's image
+    half (PIL bicubic resize of the shorter side, crop (h - 32) // 2, / 255, OpenAI normalisation),
+    the text padded and truncated to 77, then ``logit_scale.exp() * text_embs @ image_embs.T`` on
+    L2-normalised features, one prompt at a time as the card does."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    reward = build_reward([{"name": "pickscore", "args": {**pickscore_files, "batch_size": 2}}], device="cpu")
+    pics, prompts = images(), PROMPTS
+    got = reward(pics, prompts)
+
+    model = CLIPModel.from_pretrained(pickscore_files["model"]).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(pickscore_files["processor"])
+    expected = []
+    with torch.no_grad():
+        for image, prompt in zip(pics, prompts):
+            pixels = normalise(pil_resize_crop(image, 32, lambda h, w: ((h - 32) // 2, (w - 32) // 2)) / 255.0)[None]
+            text = tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
+            image_embs = model.vision_model(pixel_values=pixels).pooler_output
+            image_embs = model.visual_projection(image_embs)
+            image_embs = image_embs / torch.norm(image_embs, dim=-1, keepdim=True)
+            text_embs = model.text_projection(model.text_model(**text).pooler_output)
+            text_embs = text_embs / torch.norm(text_embs, dim=-1, keepdim=True)
+            expected.append(float((model.logit_scale.exp() * (text_embs @ image_embs.T))[0, 0]))
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-5)
+    assert got.std() > 1e-3  # the images and prompts do score differently
+    assert abs(float(got.abs().max())) <= math.exp(3.0) + 1e-4  # logit_scale.exp() bounds the score
+
+
+def test_pickscore_missing_model_names_the_override(tmp_path, pickscore_files):
+    specs = [{"name": "brightness"}, {"name": "pickscore", "args": {"model": str(tmp_path / "nope"), "processor": pickscore_files["processor"]}}]
+    reward = build_reward(specs, device="cpu")
+    with pytest.raises(RewardError) as err:
+        load_reward_models(reward, "eval.metrics")
+    message = str(err.value)
+    assert "\n" not in message and "eval.metrics.1 (pickscore)" in message and "eval.metrics.1.args.model=/path/to/folder" in message
+    reward = build_reward([{"name": "pickscore", "args": {"processor": "org/not-cached"}}], device="cpu")
+    with pytest.raises(RewardError, match=r"not in the Hugging Face cache .*rewards\.0\.args\.processor="):
+        load_reward_models(reward, "rewards")
+
+
+# ---------------------------------------------------------------------------------------------
+# HPSv2: an open_clip model config and an HPS-style checkpoint {"state_dict": ...}
+
+
+@pytest.fixture(scope="module")
+def hps_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hps")
+    config = root / "tiny-hps.json"
+    config.write_text(json.dumps(tiny_config(16)))
+    open_clip.add_model_config(config)
+    torch.manual_seed(1)
+    model = open_clip.create_model("tiny-hps")
+    torch.save({"state_dict": model.state_dict()}, root / "HPS_v2.1_compressed.pt")
+    return {"clip": str(config), "checkpoint": str(root / "HPS_v2.1_compressed.pt")}
+
+
+def test_hpsv2_matches_the_hpsv2_package(hps_files):
+    """hpsv2 1.2.0 (``img_score.score`` with its vendored open_clip, torchvision >= 0.17): the validation
+    transform converts to a tensor first and resizes the tensor (bicubic, antialiased, shorter side to
+    the model's size, longer side int(size * long / short)), crops round((d - size) / 2), normalises
+    with OpenAI's mean/std; the score is the diagonal of normalised image_features @ text_features.T."""
+    reward = build_reward([{"name": "hpsv2", "args": {**hps_files, "batch_size": 3}}], device="cpu")
+    pics, prompts = images(), PROMPTS
+    got = reward(pics, prompts)
+
+    model = open_clip.create_model("tiny-hps")
+    model.load_state_dict(torch.load(hps_files["checkpoint"], weights_only=True)["state_dict"])
+    model.eval()
+    tokenizer = open_clip.get_tokenizer("tiny-hps")
+    expected = []
+    with torch.no_grad():
+        for image, prompt in zip(pics, prompts):
+            x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0)
+            h, w = x.shape[1:]
+            size = (32, int(32 * w / h)) if h <= w else (int(32 * h / w), 32)
+            x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+            top, left = int(round((size[0] - 32) / 2.0)), int(round((size[1] - 32) / 2.0))
+            x = x[:, top : top + 32, left : left + 32]
+            x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+            image_features = F.normalize(model.encode_image(x[None]), dim=-1)
+            text_features = F.normalize(model.encode_text(tokenizer([prompt])), dim=-1)
+            expected.append(float(torch.diagonal(image_features @ text_features.T)[0]))
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-5)
+    assert got.std() > 1e-4 and bool((got.abs() <= 1 + 1e-5).all())  # a cosine
+
+    # open_clip's own transform (PIL resize) gives other pixels, so other scores: the order matters.
+    _, _, pil_preprocess = open_clip.create_model_and_transforms("tiny-hps")
+    pixels = torch.stack([pil_preprocess(image) for image in pics])
+    with torch.no_grad():
+        other = (F.normalize(model.encode_image(pixels), dim=-1) * F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)).sum(-1)
+    assert (other - got).abs().max() > 1e-4
+
+
+def test_hpsv2_bad_checkpoints_and_versions(hps_files, tmp_path):
+    torch.save({"weights": {}}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not an HPS checkpoint"):
+        build_reward([{"name": "hpsv2", "args": {**hps_files, "checkpoint": str(tmp_path / "plain.pt")}}], device="cpu")(images(1), ["a"])
+    with pytest.raises(ValueError, match="version must be one of v2.0, v2.1"):
+        build_reward([{"name": "hpsv2", "args": {"version": "v3"}}])
+    reward = build_reward([{"name": "hpsv2", "args": {"clip": hps_files["clip"], "checkpoint": str(tmp_path / "no.pt")}}])
+    with pytest.raises(RewardError, match=r"checkpoint .*no\.pt not found; pass local files: rewards\.0\.args\.checkpoint=/path/to/no\.pt"):
+        load_reward_models(reward, "rewards")
+    reward = build_reward([{"name": "hpsv2", "args": {"clip": hps_files["clip"], "version": 2.0}}])
+    with pytest.raises(RewardError, match=r"xswu/HPSv2/HPS_v2_compressed\.pt is not in the Hugging Face cache"):
+        load_reward_models(reward, "rewards")
+
+
+def test_score_command_with_hpsv2(hps_files, tmp_path, capsys):
+    from raft_diffusion import scoring
+
+    for i, image in enumerate(images(3)):
+        image.save(tmp_path / f"{i}.png")
+    args = json.dumps({**hps_files, "device": "cpu"})
+    assert scoring.main([str(tmp_path), "--reward", "hpsv2", "--reward-args", args, "--prompt", "a cat",
+                         "--out", str(tmp_path / "s.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    expected = build_reward([{"name": "hpsv2", "args": hps_files}], device="cpu")(images(3), ["a cat"] * 3)
+    assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
