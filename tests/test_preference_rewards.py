@@ -187,3 +187,154 @@ def test_score_command_with_hpsv2(hps_files, tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     expected = build_reward([{"name": "hpsv2", "args": hps_files}], device="cpu")(images(3), ["a cat"] * 3)
     assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageReward: a BLIP-style checkpoint (ImageReward.pt's key names), a med config, a BERT tokenizer
+
+VISION = dict(width=32, depth=1, heads=2, patch=8, image=32)
+MED = {"vocab_size": None, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+       "intermediate_size": 64, "max_position_embeddings": 40, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+       "pad_token_id": 0, "add_cross_attention": True, "architectures": ["BertModel"], "model_type": "bert"}
+HEAD = (32, 16, 8, 8, 4)
+
+
+@pytest.fixture(scope="module")
+def image_reward_files(tmp_path_factory):
+    from transformers import BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("image_reward")
+    words = ["a", "red", "blue", "circle", "square", "on", "green", "cat", "two", "dogs", "very", "long", "prompt"]
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(root / "tokenizer")
+    med = {**MED, "vocab_size": len(tokenizer) + 2}  # BLIP adds [DEC] and [ENC]
+    (root / "med_config.json").write_text(json.dumps(med))
+
+    g = torch.Generator().manual_seed(2)
+    state = {}
+
+    def add(key, *shape, scale=0.2):
+        state[key] = torch.randn(*shape, generator=g) * scale
+
+    def linear(key, n_out, n_in):
+        add(f"{key}.weight", n_out, n_in, scale=n_in**-0.5)
+        add(f"{key}.bias", n_out, scale=0.05)
+
+    def norm(key, n):
+        state[f"{key}.weight"] = 1 + torch.randn(n, generator=g) * 0.1
+        add(f"{key}.bias", n, scale=0.1)
+
+    d, v = VISION["width"], "blip.visual_encoder."
+    grid = VISION["image"] // VISION["patch"]
+    add(v + "cls_token", 1, 1, d)
+    add(v + "pos_embed", 1, grid * grid + 1, d)
+    add(v + "patch_embed.proj.weight", d, 3, VISION["patch"], VISION["patch"], scale=0.1)
+    add(v + "patch_embed.proj.bias", d, scale=0.05)
+    for i in range(VISION["depth"]):
+        b = f"{v}blocks.{i}."
+        norm(b + "norm1", d), linear(b + "attn.qkv", 3 * d, d), linear(b + "attn.proj", d, d)
+        norm(b + "norm2", d), linear(b + "mlp.fc1", 4 * d, d), linear(b + "mlp.fc2", d, 4 * d)
+    norm(v + "norm", d)
+    h, t = med["hidden_size"], "blip.text_encoder."
+    add(t + "embeddings.word_embeddings.weight", med["vocab_size"], h)
+    add(t + "embeddings.position_embeddings.weight", med["max_position_embeddings"], h)
+    state[t + "embeddings.position_ids"] = torch.arange(med["max_position_embeddings"])[None]
+    norm(t + "embeddings.LayerNorm", h)
+    for i in range(med["num_hidden_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        for att, kv_width in (("attention", h), ("crossattention", d)):
+            linear(b + f"{att}.self.query", h, h)
+            linear(b + f"{att}.self.key", h, kv_width), linear(b + f"{att}.self.value", h, kv_width)
+            linear(b + f"{att}.output.dense", h, h), norm(b + f"{att}.output.LayerNorm", h)
+        linear(b + "intermediate.dense", med["intermediate_size"], h)
+        linear(b + "output.dense", h, med["intermediate_size"]), norm(b + "output.LayerNorm", h)
+    dims = [*HEAD, 1]
+    for j, i in enumerate((0, 2, 4, 6, 7)):
+        linear(f"mlp.layers.{i}", dims[j + 1], dims[j])
+    linear("blip.vision_proj", 16, d)  # a BLIP pretraining key that the score does not use
+    torch.save(state, root / "ImageReward.pt")
+    return {"checkpoint": str(root / "ImageReward.pt"), "med_config": str(root / "med_config.json"),
+            "tokenizer": str(root / "tokenizer"), "vision_heads": VISION["heads"]}
+
+
+def _attention(q, k, v, heads, mask=None):
+    b, n, width = q.shape
+    split = lambda x: x.reshape(b, -1, heads, width // heads).transpose(1, 2)  # noqa: E731
+    scores = split(q) @ split(k).transpose(-2, -1) / math.sqrt(width // heads)
+    if mask is not None:
+        scores = scores + mask
+    return (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, n, width)
+
+
+def reference_image_reward(sd: dict, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ImageReward 1.5 (``ImageReward.score``): BLIP's ``vit.py`` VisionTransformer.forward, then
+    ``med.py`` BertModel.forward in its default ``multimodal`` mode, then the MLP on token 0."""
+    lin = lambda x, key: F.linear(x, sd[key + ".weight"], sd[key + ".bias"])  # noqa: E731
+    ln = lambda x, key, eps: F.layer_norm(x, x.shape[-1:], sd[key + ".weight"], sd[key + ".bias"], eps)  # noqa: E731
+    v, heads = "blip.visual_encoder.", VISION["heads"]
+    x = F.conv2d(pixels, sd[v + "patch_embed.proj.weight"], sd[v + "patch_embed.proj.bias"], stride=VISION["patch"])
+    x = torch.cat([sd[v + "cls_token"].expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+    x = x + sd[v + "pos_embed"][:, : x.shape[1]]
+    for i in range(VISION["depth"]):
+        b = f"{v}blocks.{i}."
+        q, k, val = lin(ln(x, b + "norm1", 1e-6), b + "attn.qkv").chunk(3, dim=-1)
+        x = x + lin(_attention(q, k, val, heads), b + "attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, b + "norm2", 1e-6), b + "mlp.fc1")), b + "mlp.fc2")
+    image_embeds = ln(x, v + "norm", 1e-6)
+
+    t, eps, heads = "blip.text_encoder.", MED["layer_norm_eps"], MED["num_attention_heads"]
+    x = sd[t + "embeddings.word_embeddings.weight"][ids] + sd[t + "embeddings.position_embeddings.weight"][: ids.shape[1]]
+    x = ln(x, t + "embeddings.LayerNorm", eps)
+    extended = (1.0 - mask[:, None, None, :].float()) * -10000.0  # med.py get_extended_attention_mask
+    for i in range(MED["num_hidden_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        a = _attention(lin(x, b + "attention.self.query"), lin(x, b + "attention.self.key"),
+                       lin(x, b + "attention.self.value"), heads, extended)
+        x = ln(lin(a, b + "attention.output.dense") + x, b + "attention.output.LayerNorm", eps)
+        c = _attention(lin(x, b + "crossattention.self.query"), lin(image_embeds, b + "crossattention.self.key"),
+                       lin(image_embeds, b + "crossattention.self.value"), heads)  # image mask: all ones
+        x = ln(lin(c, b + "crossattention.output.dense") + x, b + "crossattention.output.LayerNorm", eps)
+        ff = lin(F.gelu(lin(x, b + "intermediate.dense")), b + "output.dense")
+        x = ln(ff + x, b + "output.LayerNorm", eps)
+    r = x[:, 0, :].float()
+    for i in (0, 2, 4, 6, 7):  # Linear, Dropout, ... (no activations), in eval mode
+        r = lin(r, f"mlp.layers.{i}")
+    return ((r - 0.16717362830052426) / 1.0333394966054072).reshape(-1)
+
+
+def test_image_reward_matches_the_package(image_reward_files):
+    """ImageReward 1.5's ``score``: the prompt padded/truncated to 35 BERT tokens, the image through
+    ``_transform(224)`` (PIL bicubic resize of the shorter side, torchvision's centre crop
+    round((d - 224) / 2), ToTensor, OpenAI normalisation), here at the tiny model's 32 px."""
+    from transformers import AutoTokenizer
+
+    reward = build_reward([{"name": "image_reward", "args": {**image_reward_files, "batch_size": 2}}], device="cpu")
+    load_reward_models(reward, "rewards")
+    pics, prompts = images(), PROMPTS
+    got = reward(pics, prompts)
+
+    sd = torch.load(image_reward_files["checkpoint"], weights_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(image_reward_files["tokenizer"])
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    expected = []
+    with torch.no_grad():
+        for image, prompt in zip(pics, prompts):
+            text = tokenizer(prompt, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+            assert text.input_ids.shape == (1, 35)
+            crop = lambda h, w: (int(round((h - 32) / 2.0)), int(round((w - 32) / 2.0)))  # noqa: E731
+            pixels = normalise(pil_resize_crop(image, 32, crop) / 255.0)[None]
+            expected.append(float(reference_image_reward(sd, pixels, text.input_ids, text.attention_mask)[0]))
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-5)
+    assert got.std() > 1e-3
+
+
+def test_image_reward_rejects_other_checkpoints(image_reward_files, tmp_path):
+    torch.save({"visual.proj": torch.zeros(2)}, tmp_path / "other.pt")
+    args = {**image_reward_files, "checkpoint": str(tmp_path / "other.pt")}
+    with pytest.raises(ValueError, match="image_reward: not an ImageReward checkpoint"):
+        build_reward([{"name": "image_reward", "args": args}], device="cpu").parts[0][2].load()
+    reward = build_reward([{"name": "image_reward", "args": {"tokenizer": image_reward_files["tokenizer"]}}])
+    with pytest.raises(RewardError, match=r"THUDM/ImageReward/ImageReward\.pt is not in the Hugging Face cache.*checkpoint="):
+        load_reward_models(reward, "rewards")
