@@ -84,10 +84,11 @@ def build_reward_fn(spec: dict, device: str | None = None) -> tuple[str, Callabl
 
 
 def build_reward(specs: list[dict], device: str | None = None) -> WeightedReward:
-    """Build the weighted sum of the rewards a config lists."""
+    """Build the weighted sum of the rewards a config lists (each part z-scored first where its
+    ``normalize`` says ``stage`` or ``prompt``)."""
     if not specs:
         raise RewardError("no rewards configured")
-    parts = []
+    parts, normalize = [], {}
     seen: set[str] = set()
     for spec in specs:
         label, fn = build_reward_fn(spec, device)
@@ -101,4 +102,6 @@ def build_reward(specs: list[dict], device: str | None = None) -> WeightedReward
         if not math.isfinite(weight):
             raise RewardError(f"reward {label!r}: weight must be finite")
         parts.append((label, weight, fn))
-    return WeightedReward(parts)
+        if spec.get("normalize", "none") not in ("none", False, None):
+            normalize[label] = spec["normalize"]
+    return WeightedReward(parts, normalize=normalize)
