@@ -338,3 +338,20 @@ def test_image_reward_rejects_other_checkpoints(image_reward_files, tmp_path):
     reward = build_reward([{"name": "image_reward", "args": {"tokenizer": image_reward_files["tokenizer"]}}])
     with pytest.raises(RewardError, match=r"THUDM/ImageReward/ImageReward\.pt is not in the Hugging Face cache.*checkpoint="):
         load_reward_models(reward, "rewards")
+
+
+def test_the_runs_dtype_reaches_the_model_rewards(pickscore_files, hps_files, image_reward_files):
+    """``build_reward(dtype=...)`` (train passes model.dtype) scores in that dtype unless args set one;
+    bfloat16 scores stay close to float32 ones."""
+    specs = [{"name": "pickscore", "args": pickscore_files}, {"name": "hpsv2", "args": hps_files},
+             {"name": "image_reward", "args": image_reward_files}, {"name": "brightness"}]
+    low = build_reward(specs, device="cpu", dtype="bfloat16")
+    full = build_reward([{**s, "args": {**s["args"], "dtype": "float32"}} if "args" in s else s for s in specs],
+                        device="cpu", dtype="bfloat16")
+    assert [fn.dtype for _, _, fn in low.parts[:3]] == [torch.bfloat16] * 3
+    assert [fn.dtype for _, _, fn in full.parts[:3]] == [torch.float32] * 3
+    pics, prompts = images(3), PROMPTS[:3]
+    got, expected = low.score_parts(pics, prompts), full.score_parts(pics, prompts)
+    for name, tolerance in (("pickscore", 0.1), ("hpsv2", 0.02), ("image_reward", 0.1)):
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=tolerance)
