@@ -97,13 +97,21 @@ def test_pickscore_matches_the_model_card(pickscore_files):
     assert abs(float(got.abs().max())) <= math.exp(3.0) + 1e-4  # logit_scale.exp() bounds the score
 
 
-def test_pickscore_missing_model_names_the_override(tmp_path, pickscore_files):
+def test_pickscore_missing_model_names_the_override(tmp_path, pickscore_files, capsys):
     specs = [{"name": "brightness"}, {"name": "pickscore", "args": {"model": str(tmp_path / "nope"), "processor": pickscore_files["processor"]}}]
     reward = build_reward(specs, device="cpu")
     with pytest.raises(RewardError) as err:
         load_reward_models(reward, "eval.metrics")
     message = str(err.value)
     assert "\n" not in message and "eval.metrics.1 (pickscore)" in message and "eval.metrics.1.args.model=/path/to/folder" in message
+    from raft_diffusion import scoring
+
+    images()[0].save(tmp_path / "a.png")
+    args = json.dumps({"model": str(tmp_path / "nope"), "processor": pickscore_files["processor"]})
+    assert scoring.main([str(tmp_path / "a.png"), "--reward", "pickscore", "--reward-args", args]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed.startswith("error: reward pickscore: model folder") and "--reward-args" in printed
+    assert '"model": "/path/to/folder"' in printed and "demo" not in printed and "\n" not in printed
     reward = build_reward([{"name": "pickscore", "args": {"processor": "org/not-cached"}}], device="cpu")
     with pytest.raises(RewardError, match=r"not in the Hugging Face cache .*rewards\.0\.args\.processor="):
         load_reward_models(reward, "rewards")
