@@ -71,11 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     spec = {"target": args.reward} if ":" in args.reward else {"name": args.reward}
-    reward = build_reward([{**spec, "args": json.loads(args.reward_args)}], device=args.device)
-    for _, _, part in reward.parts:  # load the model before announcing the server
-        if callable(getattr(part, "load", None)):
-            part.load()
-    server = HTTPServer((args.host, args.port), make_handler(reward))
+    try:
+        reward_args = json.loads(args.reward_args)
+        if not isinstance(reward_args, dict):
+            raise ValueError("--reward-args must be a JSON object")
+        reward = build_reward([{**spec, "args": reward_args}], device=args.device)
+        for _, _, part in reward.parts:  # load the model before announcing the server
+            if callable(getattr(part, "load", None)):
+                part.load()
+        server = HTTPServer((args.host, args.port), make_handler(reward))
+    except (ValueError, OSError) as err:  # bad arguments, missing weights, a port in use: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     server.quiet = args.quiet
     idle = {"timed_out": False}
     if args.idle_exit > 0:

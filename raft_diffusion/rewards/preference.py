@@ -205,7 +205,7 @@ class HPSv2Reward(ModelReward):
         checkpoint = load_state_dict_file(path)
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise ClipConfigError(f"hpsv2: {path} is not an HPS checkpoint (a dict with 'state_dict')")
-        model = open_clip.create_model(name)
+        model = open_clip.create_model(name, device=self.device)  # random init on the device: fast for ViT-H
         try:
             model.load_state_dict(checkpoint["state_dict"])
         except RuntimeError as err:
