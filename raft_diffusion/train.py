@@ -88,7 +88,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     dtype = None if config.model.dtype == "auto" else config.model.dtype  # auto: fp16 on CUDA, fp32 on the CPU
     reward = build_reward(config.rewards, device=device, dtype=dtype)
     eval_metrics = build_reward(config.eval.metrics, device=device, dtype=dtype) if config.eval.metrics else None
-    check_guard(config, eval_metrics, bool(eval_prompts))
+    check_guard(config, eval_metrics, bool(eval_prompts), reward)
     run_dir = RunDir(Path(config.run.output_dir) / config.run.name)
     if dist.is_main():
         run_dir.check(resume=resume, overwrite=overwrite)

@@ -130,7 +130,7 @@ class RaftLoop:
         self.pool = ReplayPool(config, config.run.seed)
         self.guard = Guard(config, self._sample_scores)
         self._eval_samples: dict[int, dict] = {}  # stage -> per-sample eval scores (guard.watch reads them)
-        check_guard(config, self.eval_metrics, bool(self.eval_prompts))
+        check_guard(config, self.eval_metrics, bool(self.eval_prompts), reward)
 
     # -- the run ---------------------------------------------------------------------------
 
