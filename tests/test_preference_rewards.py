@@ -112,6 +112,9 @@ def test_pickscore_missing_model_names_the_override(tmp_path, pickscore_files, c
     printed = capsys.readouterr().err.strip()
     assert printed.startswith("error: reward pickscore: model folder") and "--reward-args" in printed
     assert '"model": "/path/to/folder"' in printed and "demo" not in printed and "\n" not in printed
+    reward = build_reward([{"name": "pickscore", "args": {"model": pickscore_files["processor"], "processor": pickscore_files["processor"]}}], device="cpu")
+    with pytest.raises(ValueError, match=r"model folder .*processor cannot be loaded as CLIPModel"):
+        load_reward_models(reward, "rewards")
     reward = build_reward([{"name": "pickscore", "args": {"processor": "org/not-cached"}}], device="cpu")
     with pytest.raises(RewardError, match=r"not in the Hugging Face cache .*rewards\.0\.args\.processor="):
         load_reward_models(reward, "rewards")

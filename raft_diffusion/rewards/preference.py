@@ -56,7 +56,11 @@ def hub_pretrained(cls, value: str, arg: str, local_only: bool, **kwargs):
     """``cls.from_pretrained`` of a local folder or hub id, missing files as :class:`WeightsNotFoundError`."""
     path = Path(resolve(str(value))).expanduser()
     if path.is_dir():
-        return cls.from_pretrained(str(path), **kwargs)
+        try:
+            return cls.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError) as err:  # a folder without the files this class reads
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ClipConfigError(f"{arg} folder {path} cannot be loaded as {cls.__name__}: {first}") from None
     if path.is_absolute() or str(value).startswith((".", "~")) or str(value).count("/") > 1:
         raise WeightsNotFoundError(f"{arg} folder {path} does not exist", {arg: "/path/to/folder"})
     try:
@@ -145,9 +149,9 @@ class PickScoreReward(ModelReward):
             from transformers import CLIPImageProcessorPil as ImageProcessor
         except ImportError:
             from transformers import CLIPImageProcessor as ImageProcessor
+        model = hub_pretrained(CLIPModel, self.model, "model", local_only)
         image_processor = hub_pretrained(ImageProcessor, self.processor, "processor", local_only)
         tokenizer = hub_pretrained(AutoTokenizer, self.processor, "processor", local_only)
-        model = hub_pretrained(CLIPModel, self.model, "model", local_only)
         return model.to(self.device, self.dtype).eval(), image_processor, tokenizer
 
     def score_batch(self, images, prompts):
