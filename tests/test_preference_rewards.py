@@ -115,8 +115,9 @@ def test_pickscore_missing_model_names_the_override(tmp_path, pickscore_files, c
     reward = build_reward([{"name": "pickscore", "args": {"model": pickscore_files["processor"], "processor": pickscore_files["processor"]}}], device="cpu")
     with pytest.raises(ValueError, match=r"model folder .*processor cannot be loaded as CLIPModel"):
         load_reward_models(reward, "rewards")
-    reward = build_reward([{"name": "pickscore", "args": {"processor": "org/not-cached"}}], device="cpu")
-    with pytest.raises(RewardError, match=r"not in the Hugging Face cache .*rewards\.0\.args\.processor="):
+    reward = build_reward([{"name": "pickscore"}], device="cpu")  # neither default is cached: both named
+    with pytest.raises(RewardError, match=r"model 'yuvalkirstain/PickScore_v1' is not .*; processor 'laion/CLIP-ViT-H-14-laion2B"
+                                          r".*; pass local files: rewards\.0\.args\.model=/path/to/folder rewards\.0\.args\.processor="):
         load_reward_models(reward, "rewards")
 
 
@@ -347,7 +348,8 @@ def test_image_reward_rejects_other_checkpoints(image_reward_files, tmp_path):
     with pytest.raises(ValueError, match="image_reward: not an ImageReward checkpoint"):
         build_reward([{"name": "image_reward", "args": args}], device="cpu").parts[0][2].load()
     reward = build_reward([{"name": "image_reward", "args": {"tokenizer": image_reward_files["tokenizer"]}}])
-    with pytest.raises(RewardError, match=r"THUDM/ImageReward/ImageReward\.pt is not in the Hugging Face cache.*checkpoint="):
+    with pytest.raises(RewardError, match=r"ImageReward\.pt is not in the Hugging Face cache.*; THUDM/ImageReward/med_config\.json .*"
+                                          r"args\.checkpoint=/path/to/ImageReward\.pt rewards\.0\.args\.med_config=/path/to/med_config\.json$"):
         load_reward_models(reward, "rewards")
 
 

@@ -43,7 +43,7 @@ import torch.nn as nn
 from aesthetic.loading import ClipConfigError
 from aesthetic.predictor import AestheticHead
 from raft_diffusion.rewards.preference import (
-    OPENAI_MEAN, OPENAI_STD, ModelReward, hub_file, hub_pretrained, load_state_dict_file,
+    OPENAI_MEAN, OPENAI_STD, ModelReward, hub_file, hub_pretrained, load_all, load_state_dict_file,
 )
 
 REPO = "THUDM/ImageReward"
@@ -173,9 +173,12 @@ class ImageRewardReward(ModelReward):
     def build(self, local_only: bool):
         from transformers import AutoTokenizer
 
-        path = hub_file(self.checkpoint, REPO, CHECKPOINT, "checkpoint", local_only)
-        med_path = hub_file(self.med_config, REPO, MED_CONFIG, "med_config", local_only)
-        tokenizer = blip_tokenizer(hub_pretrained(AutoTokenizer, self.tokenizer, "tokenizer", local_only))
+        files = load_all({
+            "checkpoint": lambda: hub_file(self.checkpoint, REPO, CHECKPOINT, "checkpoint", local_only),
+            "med_config": lambda: hub_file(self.med_config, REPO, MED_CONFIG, "med_config", local_only),
+            "tokenizer": lambda: hub_pretrained(AutoTokenizer, self.tokenizer, "tokenizer", local_only),
+        })
+        path, med_path, tokenizer = files["checkpoint"], files["med_config"], blip_tokenizer(files["tokenizer"])
         try:
             med = json.loads(Path(med_path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:

@@ -70,6 +70,19 @@ def hub_pretrained(cls, value: str, arg: str, local_only: bool, **kwargs):
                                    {arg: "/path/to/folder"}) from None
 
 
+def load_all(loaders: dict):
+    """Call every loader; when files are missing, one error that names them all (and all the overrides)."""
+    loaded, missing = {}, []
+    for name, load in loaders.items():
+        try:
+            loaded[name] = load()
+        except WeightsNotFoundError as err:
+            missing.append(err)
+    if missing:
+        raise WeightsNotFoundError("; ".join(err.problem for err in missing), {k: v for err in missing for k, v in err.fix.items()})
+    return loaded
+
+
 def load_state_dict_file(path: str) -> dict:
     """A checkpoint file's contents: safetensors, or a torch pickle read with ``weights_only``."""
     try:
@@ -149,10 +162,12 @@ class PickScoreReward(ModelReward):
             from transformers import CLIPImageProcessorPil as ImageProcessor
         except ImportError:
             from transformers import CLIPImageProcessor as ImageProcessor
-        model = hub_pretrained(CLIPModel, self.model, "model", local_only)
-        image_processor = hub_pretrained(ImageProcessor, self.processor, "processor", local_only)
+        loaded = load_all({
+            "model": lambda: hub_pretrained(CLIPModel, self.model, "model", local_only),
+            "image_processor": lambda: hub_pretrained(ImageProcessor, self.processor, "processor", local_only),
+        })
         tokenizer = hub_pretrained(AutoTokenizer, self.processor, "processor", local_only)
-        return model.to(self.device, self.dtype).eval(), image_processor, tokenizer
+        return loaded["model"].to(self.device, self.dtype).eval(), loaded["image_processor"], tokenizer
 
     def score_batch(self, images, prompts):
         model, image_processor, tokenizer = self.scorer
