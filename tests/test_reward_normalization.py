@@ -94,3 +94,16 @@ def test_loop_logs_parts_raw_and_normalised_and_each_held_out(tmp_path):
                  GaussianAdapter(), build_reward(PARTS), run_dir, log=lambda _m: None)
     rows0 = [line for line in (run_dir.stage_dir(0) / "eval_scores.jsonl").read_text().splitlines()]
     assert '"reward_big"' in rows0[0]
+
+
+def test_one_normalised_reward_is_held_out_on_the_base_models_scale(tmp_path):
+    config = toy_config(tmp_path, run__stages=2, rewards=[{**PARTS[0], "normalize": "prompt"}])
+    run_dir = RunDir(f"{config.run.output_dir}/{config.run.name}")
+    run_dir.prepare(resume=False, overwrite=False)
+    records = RaftLoop(config, GaussianAdapter(mu=0.0), build_reward(config.rewards), run_dir, log=lambda _m: None).run()
+    base, last = records[0], records[-1]
+    assert base["eval_reward"] == pytest.approx(0.0, abs=1e-5)
+    # the same affine map of the raw part at every evaluation: (1000 x - m0) / s0
+    scale = (last["eval_reward_big"] - base["eval_reward_big"]) / (last["eval_reward"] - base["eval_reward"])
+    assert last["eval_reward"] > 1.0 and scale == pytest.approx(last["eval_reward_big_change"] / last["eval_reward_change"], rel=1e-4)
+

@@ -326,7 +326,7 @@ class RaftLoop:
             "eval_reward_best_of_k": _mean(proxy.gather(1, best[:, None])),
         }
         metrics, part_scores = {}, {}
-        if len(parts) > 1:  # each part of a weighted reward on its own scale, so a user sees which part moved
+        if len(parts) > 1 or self.reward.normalized_parts:  # each part on its own scale: which part moved
             for name, value in parts.items():
                 value = part_scores[f"reward_{name}"] = value.view(-1, k)
                 record[f"eval_reward_{name}"] = _mean(value)
