@@ -86,9 +86,10 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
         import torch
 
         torch.set_num_threads(config.run.cpu_threads)
-    reward = build_reward(config.rewards, device=device)
-    eval_metrics = build_reward(config.eval.metrics, device=device) if config.eval.metrics else None
-    check_guard(config, eval_metrics, bool(eval_prompts))
+    dtype = None if config.model.dtype == "auto" else config.model.dtype  # auto: fp16 on CUDA, fp32 on the CPU
+    reward = build_reward(config.rewards, device=device, dtype=dtype)
+    eval_metrics = build_reward(config.eval.metrics, device=device, dtype=dtype) if config.eval.metrics else None
+    check_guard(config, eval_metrics, bool(eval_prompts), reward)
     run_dir = RunDir(Path(config.run.output_dir) / config.run.name)
     if dist.is_main():
         run_dir.check(resume=resume, overwrite=overwrite)

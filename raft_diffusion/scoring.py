@@ -25,6 +25,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 SAMPLES_INDEX = "samples.jsonl"  # what `raft-diffusion sample` writes beside its images and grid.png
 OUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 CHUNK = 64  # images held in memory at once
+DEMO_CLIP_REWARDS = ("aesthetic", "clip_score")  # the rewards that can score with the packaged demo CLIP
 
 
 class ScoreError(ValueError):
@@ -130,10 +131,8 @@ def load_models(reward, reward_args: dict) -> None:
                 raise
             local = json.dumps({**reward_args, **fix})
             demo = json.dumps({**{k: v for k, v in reward_args.items() if k != "pretrained"}, "clip": "demo"})
-            raise ScoreError(
-                f"reward {label}: {err.problem}; pass local files: --reward-args '{local}' "
-                f"(images of the packaged demo model: --reward-args '{demo}')"
-            ) from None
+            hint = f" (images of the packaged demo model: --reward-args '{demo}')" if label in DEMO_CLIP_REWARDS else ""
+            raise ScoreError(f"reward {label}: {err.problem}; pass local files: --reward-args '{local}'{hint}") from None
 
 
 def _write(rows: list[tuple[str, float, str]], out: str | None) -> None:

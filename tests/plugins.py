@@ -51,3 +51,11 @@ def good_count_with_marker(texts, prompts):
     (folder / f"score-{calls:03d}").touch()
     time.sleep(0.3)
     return [float(t.split().count("good")) for t in texts]
+
+
+def prompt_and_output(outputs, prompts):
+    """Depends on both the prompt and the output, images (brightness) or texts (length); fails on "boom"."""
+    if "boom" in prompts:
+        raise RuntimeError("boom was asked for")
+    values = brightness(outputs, prompts) if outputs and not isinstance(outputs[0], str) else [len(o) for o in outputs]
+    return [len(p) + v for p, v in zip(prompts, values)]

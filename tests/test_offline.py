@@ -25,6 +25,9 @@ for name, load in [
     ("pipeline", lambda: load_pipeline(ModelConfig(pretrained="nobody/missing-sd"), DiffusionSettings())),
     ("llm", lambda: load_pretrained(AutoTokenizer, "nobody/missing-llm", "model.pretrained")),
     ("clip", lambda: build_reward([{"name": "aesthetic"}]).parts[0][2].load()),  # ViT-L-14/openai
+    ("pickscore", lambda: build_reward([{"name": "pickscore"}]).parts[0][2].load()),
+    ("hpsv2", lambda: build_reward([{"name": "hpsv2"}]).parts[0][2].load()),
+    ("image_reward", lambda: build_reward([{"name": "image_reward"}]).parts[0][2].load()),
 ]:
     start = time.monotonic()
     try:
@@ -50,4 +53,4 @@ def test_missing_hub_ids_fail_fast_when_the_hub_cannot_be_reached(tmp_path):
         assert "cannot be reached" in message and "\n" not in message, (name, message)
         assert seconds < 5, (name, seconds, message)  # huggingface_hub's retries alone take 23 s
     assert all("model.pretrained=/path/to/folder" in results[name][1] for name in ("pipeline", "llm"))
-    assert results["clip"][1].startswith("WeightsNotFoundError")
+    assert all(results[name][1].startswith("WeightsNotFoundError") for name in ("clip", "pickscore", "hpsv2", "image_reward"))

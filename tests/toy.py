@@ -95,3 +95,12 @@ def negative_distance(outputs, prompts, target: float = 3.0):
 def near(outputs, prompts, target: float = 1.2):
     """An eval-only 'gold' that peaks on the way: RAFT toward 3 passes it, then over-shoots it."""
     return [-abs(x - target) for x in outputs]
+
+
+def big_up(outputs, prompts):
+    """x on a scale a thousand times larger: summed as it is, it drowns any reward on a unit scale."""
+    return [1000.0 * x for x in outputs]
+
+
+def small_down(outputs, prompts):
+    return [-x for x in outputs]

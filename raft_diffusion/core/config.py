@@ -153,7 +153,8 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     # Each entry: {name: registered reward, weight: float, args: {...}}
-    # or {target: "package.module:function", weight: float, args: {...}}.
+    # or {target: "package.module:function", weight: float, args: {...}};
+    # normalize: none | stage | prompt z-scores that part over the stage's candidates or each prompt's K first.
     rewards: list[dict] = field(default_factory=lambda: [{"name": "aesthetic", "weight": 1.0, "args": {"clip": "demo"}}])
     train: TrainConfig = field(default_factory=TrainConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
@@ -292,7 +293,9 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
-_REWARD_KEYS = {"name", "target", "weight", "args"}
+_REWARD_KEYS = {"name", "target", "weight", "args", "normalize"}
+# rewards[].normalize: a part z-scored over the stage's candidates, or within each prompt's K, before weighting
+NORMALIZE_MODES = ("none", "stage", "prompt")
 
 
 def _reward_specs(value: Any, key: str) -> list[dict]:
@@ -317,8 +320,20 @@ def _reward_specs(value: Any, key: str) -> list[dict]:
             raise ConfigError(f"{where}.weight: expected a finite number, got {weight!r}")
         if spec.get("args") is not None and not isinstance(spec["args"], dict):
             raise ConfigError(f"{where}.args: expected a mapping")
-        specs.append({**spec, "weight": float(weight), "args": dict(spec.get("args") or {})})
+        spec = {**spec, "weight": float(weight), "args": dict(spec.get("args") or {})}
+        if "normalize" in spec:
+            spec["normalize"] = _normalize_mode(spec["normalize"], where, key)
+        specs.append(spec)
     return specs
+
+
+def _normalize_mode(value: Any, where: str, key: str) -> str:
+    mode = "none" if value is False or value is None else value  # YAML reads `normalize: off` as false
+    if mode not in NORMALIZE_MODES:
+        raise ConfigError(f"{where}.normalize: {value!r} is not one of {', '.join(NORMALIZE_MODES)}")
+    if mode != "none" and key.endswith("metrics"):
+        raise ConfigError(f"{where}.normalize: eval-only metrics are reported as they are; normalize is for rewards")
+    return mode
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -22,11 +22,13 @@ from raft_diffusion.core.config import ConfigError
 OUTCOME_FILE = "outcome.json"  # in the run folder: which stage was exported, and why the run stopped
 
 
-def check_guard(config, eval_metrics, has_eval_prompts: bool) -> None:
-    """Refuse guard settings that name a metric the run does not log (before any model loads)."""
+def check_guard(config, eval_metrics, has_eval_prompts: bool, reward=None) -> None:
+    """Refuse guard settings that name a metric the run does not log (before any model loads).
+    The parts of a weighted ``reward`` are held-out metrics too (``eval_reward_<part>``)."""
     g = config.guard
     names = [name for name, _, _ in eval_metrics.parts] if eval_metrics is not None else []
-    logged = ["eval_reward", *(f"eval_{name}" for name in names)]
+    parts = [name for name, _, _ in reward.parts] if reward is not None and len(reward.parts) > 1 else []
+    logged = ["eval_reward", *(f"eval_reward_{name}" for name in parts), *(f"eval_{name}" for name in names)]
     for key, value in [("guard.metric", g.metric)] + [("guard.watch", w) for w in g.watch]:
         if value and value not in logged:
             raise ConfigError(f"{key}: {value!r} is not a held-out metric of this run (logged: {', '.join(logged)})")

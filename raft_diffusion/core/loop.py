@@ -26,7 +26,7 @@ from raft_diffusion.core.prompts import load_prompts, stage_prompts
 from raft_diffusion.core.protocols import Adapter, Candidate, RewardError, has_log_ratio
 from raft_diffusion.core.replay import ReplayPool
 from raft_diffusion.core.run_dir import STATE_FILE, RunDir, atomic_dir, atomic_write_text
-from raft_diffusion.core.scores import WeightedReward
+from raft_diffusion.core.scores import WeightedReward, moments
 from raft_diffusion.core.selection import ranking_scores, select
 
 # Stage number used to derive evaluation seeds: the same held-out noise at every evaluation,
@@ -57,6 +57,19 @@ class Scored:
 
 
 _mean, _std, _sem = stats.mean, stats.std, stats.sem
+
+
+def part_stats(parts: dict[str, torch.Tensor], normalized: dict[str, torch.Tensor], chosen: list[int]) -> dict[str, float]:
+    """Each part of a weighted reward: its mean and spread over the candidates and its mean over the
+    chosen ones, as scored; for a normalised part also the chosen ones' mean as it entered the sum."""
+    out = {}
+    for name, value in parts.items():
+        out[f"reward_{name}_mean"] = _mean(value)
+        out[f"reward_{name}_std"] = _std(value)
+        out[f"reward_{name}_chosen_mean"] = _mean(value[chosen])
+        if name in normalized and normalized[name] is not value:
+            out[f"reward_{name}_normalized_chosen_mean"] = _mean(normalized[name][chosen])
+    return out
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
@@ -117,7 +130,7 @@ class RaftLoop:
         self.pool = ReplayPool(config, config.run.seed)
         self.guard = Guard(config, self._sample_scores)
         self._eval_samples: dict[int, dict] = {}  # stage -> per-sample eval scores (guard.watch reads them)
-        check_guard(config, self.eval_metrics, bool(self.eval_prompts))
+        check_guard(config, self.eval_metrics, bool(self.eval_prompts), reward)
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -179,8 +192,13 @@ class RaftLoop:
         # 3. Score every candidate; gather the scores of all processes.
         with _timed(times, "score"), progress.phase(f"{label} score"):
             scored = self._score(candidates)
-            rewards = dist.concat_gathered(scored.rewards).view(len(prompts), k)
             parts = {name: dist.concat_gathered(v) for name, v in scored.parts.items()}
+            if self.reward.normalized_parts:  # z-scores over the whole stage: after gathering every process's
+                groups = [i // k for i in range(len(prompts) * k)]
+                normalized = self.reward.normalized(parts, groups)
+                rewards = self.reward.combine(parts, groups).view(len(prompts), k)
+            else:
+                normalized, rewards = {}, dist.concat_gathered(scored.rewards).view(len(prompts), k)
 
         # 4. Select, on every process identically.
         with _timed(times, "select"):
@@ -223,7 +241,7 @@ class RaftLoop:
             "n_candidates": int(flat.numel()),
             "n_chosen": len(chosen_idx),
             "n_nonfinite": int((~torch.isfinite(flat)).sum()),
-            **({f"reward_{n}_mean": _mean(v) for n, v in parts.items()} if len(parts) > 1 else {}),
+            **(part_stats(parts, normalized, chosen_idx) if len(parts) > 1 else {}),
             **({"log_ratio_mean": _mean(log_ratio.reshape(-1))} if log_ratio is not None else {}),
             **diversity([c.output for c in candidates], k),
             **eval_record,
@@ -294,14 +312,26 @@ class RaftLoop:
         local = dist.shard(len(self.eval_prompts))
         seeds = candidate_seeds(cfg.run.seed, EVAL_STAGE, local, k)
         candidates = self._generate([self.eval_prompts[i] for i in local], k, seeds, first_prompt=local.start)
-        proxy = dist.concat_gathered(self._score(candidates).rewards).view(-1, k)
+        scored = self._score(candidates)
+        parts = {name: dist.concat_gathered(v) for name, v in scored.parts.items()}
+        if self.reward.normalized_parts:  # one fixed scale for every evaluation: see _eval_reference
+            reference = self._eval_reference(stage, parts)
+            proxy = self.reward.combine(parts, reference=reference).view(-1, k)
+        else:
+            proxy = dist.concat_gathered(scored.rewards).view(-1, k)
         best = proxy.nan_to_num(nan=-math.inf).argmax(dim=1)  # best-of-k by the proxy, per prompt
         record = {
             "eval_reward": _mean(proxy),
             "eval_reward_sem": _sem(proxy.reshape(-1)),
             "eval_reward_best_of_k": _mean(proxy.gather(1, best[:, None])),
         }
-        metrics = {}
+        metrics, part_scores = {}, {}
+        if len(parts) > 1 or self.reward.normalized_parts:  # each part on its own scale: which part moved
+            for name, value in parts.items():
+                value = part_scores[f"reward_{name}"] = value.view(-1, k)
+                record[f"eval_reward_{name}"] = _mean(value)
+                record[f"eval_reward_{name}_sem"] = _sem(value.reshape(-1))
+                record[f"eval_reward_{name}_best_of_k"] = _mean(value.gather(1, best[:, None]))
         if self.eval_metrics is not None:
             outputs, prompts = [c.output for c in candidates], [c.prompt for c in candidates]
             for name, value in self.eval_metrics.score_parts(outputs, prompts).items():
@@ -310,7 +340,7 @@ class RaftLoop:
                 record[f"eval_{name}_sem"] = _sem(value.reshape(-1))
                 record[f"eval_{name}_best_of_k"] = _mean(value.gather(1, best[:, None]))
         record.update({f"eval_{key}": v for key, v in diversity([c.output for c in candidates], k).items()})
-        record.update(self._paired_changes(stage, {"reward": proxy, **metrics}))
+        record.update(self._paired_changes(stage, {"reward": proxy, **part_scores, **metrics}))
         if self.on_eval is not None and dist.is_main():
             self.on_eval(stage=stage, folder=self.run_dir.stage_dir(stage), candidates=candidates, rewards=proxy, metrics=metrics)
         return record
@@ -341,6 +371,17 @@ class RaftLoop:
             if change is not None:
                 out[f"eval_{name}_change"], out[f"eval_{name}_change_sem"] = change
         return out
+
+    def _eval_reference(self, stage: int, parts: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+        """The held-out mean and std of each normalised part at the first evaluation (the base model):
+        z-scoring each evaluation by its own statistics would centre every one on 0, so held-out
+        ``eval_reward`` of a normalised reward is in units of the base model's spread, from its mean."""
+        base = self._sample_scores(0) if stage != 0 else {}
+        reference = {}
+        for name in self.reward.normalized_parts:
+            values = [row[f"reward_{name}"] for row in base.values() if isinstance(row.get(f"reward_{name}"), (int, float))]
+            reference[name] = moments(torch.tensor(values) if values else parts[name])
+        return reference
 
     def _sample_scores(self, stage: int) -> dict:
         """``{(prompt, seed): {metric: score}}`` of one evaluation (read back from its file after a resume)."""

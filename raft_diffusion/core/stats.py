@@ -68,6 +68,11 @@ def eval_names(record: dict) -> list[str]:
     return sorted(names, key=lambda n: (n != "reward", "gold" not in n, names.index(n)))
 
 
+def is_reward_part(name: str) -> bool:
+    """``reward_<part>``: one part of a weighted proxy reward, held out (its own scale, never normalised)."""
+    return name.startswith("reward_")
+
+
 def summarize(records: list[dict], after: int | None = None) -> dict | None:
     """Held-out metrics at the first evaluation (stage 0: the base model) and at stage ``after``
     (default: the last evaluation).
@@ -95,7 +100,7 @@ def summarize(records: list[dict], after: int | None = None) -> dict | None:
             change, se = number(last, f"eval_{name}_change"), number(last, f"eval_{name}_change_sem")
         rows.append({
             "name": name,
-            "kind": "proxy" if name == "reward" else ("gold" if "gold" in name else ""),
+            "kind": "proxy" if name == "reward" else "proxy part" if is_reward_part(name) else ("gold" if "gold" in name else ""),
             "before": before, "before_sem": sb, "after": now, "after_sem": sa,
             "change": change, "change_sem": se, "z": change / se if se > 0 else None, "paired": paired,
             "best_of_k": number(first, f"eval_{name}_best_of_k"),
@@ -110,4 +115,5 @@ def over_optimisation(summary: dict, z: float = 2.0) -> list[str]:
     proxy = rows.get("reward")
     if not proxy or proxy["z"] is None or proxy["z"] < z:
         return []
-    return [r["name"] for r in summary["rows"] if r["name"] != "reward" and r["z"] is not None and r["z"] < -z]
+    return [r["name"] for r in summary["rows"]
+            if r["name"] != "reward" and not is_reward_part(r["name"]) and r["z"] is not None and r["z"] < -z]

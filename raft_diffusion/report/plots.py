@@ -71,7 +71,8 @@ def plot_changes(records: list[dict], outcome: dict | None = None, title: str = 
     for ax, name in zip(axes, names):
         xs, ys, es = _series(records, f"eval_{name}_change", f"eval_{name}_change_sem")
         xs, ys, es = [0, *xs], [0.0, *ys], [0.0, *es]  # the base model, by definition no change
-        kind = "proxy" if name == "reward" else ("gold, eval only" if "gold" in name else "eval only")
+        kind = "proxy" if name == "reward" else "proxy part" if stats.is_reward_part(name) else (
+            "gold, eval only" if "gold" in name else "eval only")
         ax.errorbar(xs, ys, yerr=es, color="tab:orange" if name == "reward" else "tab:red" if "gold" in name else "tab:blue",
                     marker="s", markersize=3, capsize=2, linewidth=1)
         ax.axhline(0.0, color="tab:gray", linewidth=0.8)
@@ -115,7 +116,8 @@ def plot_curves(records: list[dict], k: int | None = None) -> list[tuple[str, by
         if not xs:
             continue
         kind = "gold, " if "gold" in name else ""
-        fig, ax = _figure(f"{name} ({kind}held-out, never used for selection)", name)
+        what = "part of the proxy reward, held-out" if stats.is_reward_part(name) else f"{kind}held-out, never used for selection"
+        fig, ax = _figure(f"{name} ({what})", name)
         ax.errorbar(xs, ys, yerr=es, label="held-out (± SE)", color="tab:red" if kind else "tab:orange", marker="s", markersize=4, capsize=3)
         _best_of_k_line(ax, records, f"eval_{name}_best_of_k", k)
         _integer_stages(ax, records)

@@ -86,18 +86,21 @@ def import_target(target: str) -> Any:
         raise RewardError(f"reward {target!r}: {err}") from None
 
 
-def _call_factory(factory: Callable[..., Any], args: dict, device: str | None, label: str) -> Any:
+def _call_factory(factory: Callable[..., Any], args: dict, device: str | None, label: str, dtype: str | None = None) -> Any:
     params = inspect.signature(factory).parameters
     kwargs = dict(args)
     if device is not None and "device" in params and "device" not in kwargs:
         kwargs["device"] = device
+    # A factory whose dtype defaults to None (follow the device) scores in the run's dtype, unless args set one.
+    if dtype is not None and "dtype" in params and params["dtype"].default is None and "dtype" not in kwargs:
+        kwargs["dtype"] = dtype
     try:
         return factory(**kwargs)
     except TypeError as err:
         raise RewardError(f"reward {label!r}: bad args {sorted(args)} ({err})") from None
 
 
-def build_reward_fn(spec: dict, device: str | None = None) -> tuple[str, Callable]:
+def build_reward_fn(spec: dict, device: str | None = None, dtype: str | None = None) -> tuple[str, Callable]:
     """Build one reward from ``{name: ..., args: {...}}`` or ``{target: "module:function", args: {...}}``.
 
     A target that names a plain function with the ``(outputs, prompts)`` signature is used as is;
@@ -111,7 +114,7 @@ def build_reward_fn(spec: dict, device: str | None = None) -> tuple[str, Callabl
             raise RewardError(f"reward target {target!r} is not callable")
         label = spec.get("name") or target.rpartition(":")[2]
         if args or inspect.isclass(obj):
-            obj = _call_factory(obj, args, device, target)
+            obj = _call_factory(obj, args, device, target, dtype)
             if not callable(obj):
                 raise RewardError(f"reward target {target!r} did not return a callable")
         return label, obj
@@ -120,17 +123,19 @@ def build_reward_fn(spec: dict, device: str | None = None) -> tuple[str, Callabl
         factory = plugins.find("rewards", str(name), what="reward")
     except plugins.PluginError as err:
         raise RewardError(str(err)) from None
-    return name, _call_factory(factory, args, device, name)
+    return name, _call_factory(factory, args, device, name, dtype)
 
 
-def build_reward(specs: list[dict], device: str | None = None) -> WeightedReward:
-    """Build the weighted sum of the rewards a config lists."""
+def build_reward(specs: list[dict], device: str | None = None, dtype: str | None = None) -> WeightedReward:
+    """Build the weighted sum of the rewards a config lists (each part z-scored first where its
+    ``normalize`` says ``stage`` or ``prompt``). ``device`` goes to every factory that takes one,
+    ``dtype`` (the run's) to every factory whose ``dtype`` defaults to None, unless args set them."""
     if not specs:
         raise RewardError("no rewards configured")
-    parts = []
+    parts, normalize = [], {}
     seen: set[str] = set()
     for spec in specs:
-        label, fn = build_reward_fn(spec, device)
+        label, fn = build_reward_fn(spec, device, dtype)
         if label in seen:  # two rewards of one kind keep distinct names, e.g. demo_gold_align_colour
             simple = [str(v) for v in (spec.get("args") or {}).values() if isinstance(v, (str, int, float))]
             label = "_".join([label, *simple]) if simple else label
@@ -141,4 +146,6 @@ def build_reward(specs: list[dict], device: str | None = None) -> WeightedReward
         if not math.isfinite(weight):
             raise RewardError(f"reward {label!r}: weight must be finite")
         parts.append((label, weight, fn))
-    return WeightedReward(parts)
+        if spec.get("normalize", "none") not in ("none", False, None):
+            normalize[label] = spec["normalize"]
+    return WeightedReward(parts, normalize=normalize)
