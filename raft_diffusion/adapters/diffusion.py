@@ -620,7 +620,6 @@ class DiffusionAdapter:
         """The LoRA in diffusers format (``pytorch_lora_weights.safetensors`` with its peft configs as
         metadata), loadable by the stock pipeline's ``load_lora_weights`` (``StableDiffusionPipeline`` or
         ``StableDiffusionXLPipeline``)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft import get_peft_model_state_dict
 
         if not self.accelerator.is_main_process:
@@ -628,7 +627,7 @@ class DiffusionAdapter:
         kwargs = {}  # save_lora_weights' own keywords: unet_/text_encoder_/text_encoder_2_lora_layers, ..._adapter_metadata
         with self.finetuner.averaged():  # the state dicts are views of the weights: save inside
             for name, module in zip(self.train_names, self.train_modules):
-                kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+                kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
                 kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
             type(self.pipe).save_lora_weights(str(path), **kwargs)
 

