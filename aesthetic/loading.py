@@ -29,7 +29,11 @@ _DTYPES = {
 }  # fmt: skip
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class AestheticError(ValueError):
+    """The base of every error bad input to this package causes (a name, a file, a setting)."""
+
+
+class WeightsNotFoundError(AestheticError, FileNotFoundError):
     """CLIP weights are neither in the local cache nor a local file (and cannot be downloaded).
 
     ``problem`` says what is missing; ``fix`` holds the arguments that would load local files
@@ -43,7 +47,7 @@ class WeightsNotFoundError(FileNotFoundError):
         super().__init__(f"{problem}; pass local files instead: {advice}" if advice else problem)
 
 
-class ClipConfigError(ValueError):
+class ClipConfigError(AestheticError):
     """A CLIP model name, config file or checkpoint that cannot be used."""
 
 

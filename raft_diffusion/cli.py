@@ -30,32 +30,12 @@ def default_config_path(overrides: list[str] = ()) -> Path:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input and become one line + exit 2."""
-    from raft_diffusion.assets import MissingAssetError
-    from raft_diffusion.core.config import ConfigError
-    from raft_diffusion.core.prompts import PromptError
-    from raft_diffusion.core.run_dir import RunDirError
-    from raft_diffusion.core.protocols import RewardError
-    from raft_diffusion.deps import DependencyError
+    """Exceptions that mean bad input and become one line + exit 2: :class:`UserError`, and the base of
+    the ``aesthetic`` package's (which imports nothing of this one), when it was imported."""
+    from raft_diffusion.core.errors import UserError
 
-    errors: list[type[BaseException]] = [ConfigError, PromptError, RunDirError, RewardError, MissingAssetError, DependencyError]
-    for module, name in (
-        ("raft_diffusion.adapters.diffusion", "ModelNotFoundError"),
-        ("raft_diffusion.adapters.diffusion", "LoraError"),
-        ("raft_diffusion.hub", "ModelNotFoundError"),
-        ("raft_diffusion.adapters.training", "CheckpointMismatchError"),
-        ("aesthetic.loading", "WeightsNotFoundError"),
-        ("aesthetic.loading", "ClipConfigError"),
-        ("aesthetic.predictor", "HeadError"),
-        ("raft_diffusion.scoring", "ScoreError"),
-        ("raft_diffusion.sampling", "SampleError"),
-        ("raft_diffusion.adapters.diffusion_utils", "UnsupportedModelError"),
-    ):
-        # Only modules already imported can have raised; importing the others would cost seconds.
-        mod = sys.modules.get(module)
-        if mod is not None and isinstance(getattr(mod, name, None), type):
-            errors.append(getattr(mod, name))
-    return tuple(errors)
+    aesthetic = sys.modules.get("aesthetic.loading")
+    return (UserError, *([aesthetic.AestheticError] if aesthetic is not None else []))
 
 
 def silence_known_warnings() -> None:

@@ -20,13 +20,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from raft_diffusion.core.errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 SAMPLES_INDEX = "samples.jsonl"  # what `raft-diffusion sample` writes beside its images and grid.png
 OUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 CHUNK = 64  # images held in memory at once
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError):
     """Bad arguments to the score command."""
 
 

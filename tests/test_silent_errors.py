@@ -93,3 +93,78 @@ def test_a_lora_diffusers_loads_only_in_part_is_refused_in_one_line(demo_sd, tmp
     with pytest.raises(LoraError) as err:
         load_lora(pipe, str(tmp_path / "lora"))
     assert "\n" not in str(err.value) and "loaded 32 of its 96 tensors" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A diverging run stops before the update and resumes after a fix
+
+
+@pytest.fixture(scope="module")
+def random_sd(tmp_path_factory):
+    from raft_diffusion.demo.random_sd import build_random_sd
+
+    return str(build_random_sd(tmp_path_factory.mktemp("random_sd")))
+
+
+def small_run(model: str, out, *extra: str) -> list[str]:
+    return [
+        "train", f"model.pretrained={model}", f"run.output_dir={out}", "run.name=r", "run.stages=1",
+        "sampling.k=2", "sampling.prompts_per_stage=2", "sampling.steps=2", "sampling.guidance_scale=1",
+        "train.steps_per_stage=2", "train.batch_size=1", "eval.every=0", "eval.metrics=[]", "log.report=false",
+        "prompts.items=[a red circle, a blue square]", "rewards=[{target: 'tests.plugins:brightness'}]", *extra,
+    ]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_diverging_run_stops_before_the_update_and_resumes_after_a_fix(random_sd, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from raft_diffusion.core.run_dir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    assert main(small_run(random_sd, tmp_path, "run.stages=2", "train.lr=1e6", "train.steps_per_stage=4")) == 2
+    err = one_line_error(capsys)
+    assert "non-finite" in err and "train.lr" in err and "--resume" in err
+    assert not run.final.exists() and run.completed_stages() == []
+    assert (run.stages / "000001" / "diverged.json").is_file()
+
+    assert main(small_run(random_sd, tmp_path, "run.stages=2", "train.lr=1e-3", "train.steps_per_stage=4", "--resume")) == 0
+    assert [r["stage"] for r in run.read_metrics()] == [1, 2]
+    weights = load_file(str(run.final / "pytorch_lora_weights.safetensors"))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def _finetuner(lr: float, tmp_path, **train):
+    from accelerate import Accelerator
+
+    from raft_diffusion.adapters.training import Finetuner
+    from raft_diffusion.core.config import from_dict
+
+    config = from_dict({"train": {"lr": lr, "steps_per_stage": 3, "batch_size": 2, **train}})
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    data = torch.randn(8, 4)
+    finetuner = Finetuner(Accelerator(cpu=True), {"model": model}, config, seed=0)
+    return finetuner, model, lambda idx, mine: model(data[idx][mine]).pow(2).mean()
+
+
+def test_a_non_finite_loss_is_never_applied_and_a_resume_takes_the_new_rate(tmp_path):
+    from raft_diffusion.core.errors import DivergedError, UserError
+
+    finetuner, model, loss = _finetuner(1e-2, tmp_path)
+    finetuner.fit(8, loss)
+    finetuner.save(tmp_path / "good")
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DivergedError) as err:
+        finetuner.fit(8, lambda idx, mine: loss(idx, mine) * float("nan"))
+    assert isinstance(err.value, UserError) and "train.lr" in str(err.value)
+    assert all(torch.equal(good[k], v) for k, v in model.state_dict().items())  # the update was not made
+
+    resumed, _, _ = _finetuner(1e-4, tmp_path)
+    resumed.load(tmp_path / "good")
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [1e-4]

@@ -14,6 +14,7 @@ from typing import NoReturn
 import torch
 
 from raft_diffusion.assets import resolve
+from raft_diffusion.core.errors import UserError
 from raft_diffusion.hub import hub_reachable, local_files_only, no_hub_reason
 
 SCHEDULERS = {
@@ -31,15 +32,15 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name values we run
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """The pipeline folder or hub id could not be loaded (one line: what was looked for, what to do)."""
 
 
-class LoraError(ValueError):
+class LoraError(UserError):
     """A LoRA folder that is missing or does not fit the model."""
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """A diffusers folder of a pipeline class this adapter does not run, or a setting it lacks."""
 
 

@@ -19,9 +19,10 @@ from typing import Any, Optional
 import yaml
 
 from raft_diffusion.core import plugins
+from raft_diffusion.core.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem, reported in one line that names the key."""
 
 

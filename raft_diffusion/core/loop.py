@@ -21,11 +21,12 @@ import torch
 
 from raft_diffusion.core import dist, progress, stats
 from raft_diffusion.core.config import Config
+from raft_diffusion.core.errors import DivergedError
 from raft_diffusion.core.guard import OUTCOME_FILE, Guard, check_guard
 from raft_diffusion.core.prompts import load_prompts, stage_prompts
 from raft_diffusion.core.protocols import Adapter, Candidate, RewardError, has_log_ratio
 from raft_diffusion.core.replay import ReplayPool
-from raft_diffusion.core.run_dir import STATE_FILE, RunDir, atomic_dir, atomic_write_text
+from raft_diffusion.core.run_dir import DIVERGED_FILE, STATE_FILE, RunDir, atomic_dir, atomic_write_text
 from raft_diffusion.core.scores import WeightedReward
 from raft_diffusion.core.selection import ranking_scores, select
 
@@ -204,7 +205,13 @@ class RaftLoop:
         train_stats = {}
         if cfg.train.steps_per_stage > 0:
             with _timed(times, "finetune"), progress.phase(f"{label} fine-tune", total=cfg.train.steps_per_stage, unit="step"):
-                train_stats = self.adapter.finetune(train_set)
+                try:
+                    train_stats = self.adapter.finetune(train_set)
+                    if not math.isfinite(train_stats.get("loss", 0.0)):  # an adapter without the shared finetuner
+                        raise DivergedError(f"fine-tuning diverged: loss {train_stats['loss']}; likely train.lr "
+                                            f"({cfg.train.lr:g}) too high, or the precision")
+                except DivergedError as err:
+                    raise self._diverged(stage, err) from None
         self.pool.update(stage, chosen, chosen_rewards)
 
         # 6. Evaluate the updated model on the held-out prompts.
@@ -247,6 +254,16 @@ class RaftLoop:
                 self.on_record(record)
         self.log(format_stage_line(record, cfg.run.stages))
         return record
+
+    def _diverged(self, stage: int, err: DivergedError) -> DivergedError:
+        """Record the divergence in the stage's folder (a resume may then change train.* and model.dtype)
+        and say where the run stands: nothing of this stage is checkpointed, nothing exported."""
+        last = self.run_dir.last_stage()
+        if dist.is_main():
+            record = {"stage": stage, "last_good_stage": last, "error": str(err)}
+            atomic_write_text(self.run_dir.stage_dir(stage) / DIVERGED_FILE, json.dumps(record) + "\n")
+        kept = f"the last good checkpoint is stage {last}" if last else "no stage was finished"
+        return DivergedError(f"stage {stage}: {err}; {kept}, nothing exported: fix it and pass --resume")
 
     # -- phases ----------------------------------------------------------------------------
 

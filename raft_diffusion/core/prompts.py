@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from raft_diffusion.core import plugins
+from raft_diffusion.core.errors import UserError
 
 # The paper's SD-1.5 experiment prompts with the ten CIFAR-10 class names.
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -18,7 +19,7 @@ wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat sna
 bee pig turkey fly llama camel bat gorilla hedgehog kangaroo""".split()
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt source that cannot be used (one-line message)."""
 
 

@@ -18,11 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from raft_diffusion.core.errors import UserError
+
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "state.json"
+DIVERGED_FILE = "diverged.json"  # in stages/NNNNNN/: that stage's fine-tuning diverged (not checkpointed)
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """The run folder cannot be used as asked (one-line message)."""
 
 
