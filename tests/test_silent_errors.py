@@ -168,3 +168,37 @@ def test_a_non_finite_loss_is_never_applied_and_a_resume_takes_the_new_rate(tmp_
     resumed, _, _ = _finetuner(1e-4, tmp_path)
     resumed.load(tmp_path / "good")
     assert [g["lr"] for g in resumed.optimizer.param_groups] == [1e-4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts keep their commas
+
+
+def test_prompts_with_commas_are_never_split(tmp_path):
+    from raft_diffusion.core.config import load_config
+
+    def items(*overrides, path=None):
+        return load_config(path, list(overrides)).prompts.items
+
+    assert items("prompts.items=a cat, sitting on a mat") == ["a cat, sitting on a mat"]
+    assert items('prompts.items=["a, b", "c"]') == ["a, b", "c"]
+    assert items("prompts.items=[a cat, a dog]") == ["a cat", "a dog"]  # YAML's own flow list
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text('prompts:\n  items: "a cat, sitting on a mat"\n')
+    assert items(path=yaml_file) == ["a cat, sitting on a mat"]
+    assert load_config(None, ["sampling.stop=a, b"]).sampling.stop == ["a, b"]
+    # names cannot hold a comma: the shorthand stays where it is safe
+    assert load_config(None, ["model.lora.targets=to_q, to_v"]).model.lora.targets == ["to_q", "to_v"]
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "..\\\\x", "", " "])
+def test_run_name_is_one_plain_folder_name(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", f"run.name={name}", "run.output_dir=runs", "--overwrite"]) == 2
+    assert "run.name" in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_guard_watch_needs_max_drop_se(capsys):
+    assert main(["train", "guard.watch=[eval_reward]", "prompts.eval_builtin=demo_eval"]) == 2
+    assert "guard.max_drop_se" in one_line_error(capsys)
