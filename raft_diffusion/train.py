@@ -89,8 +89,23 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     eval_metrics = build_reward(config.eval.metrics, device=device) if config.eval.metrics else None
     check_guard(config, eval_metrics, bool(eval_prompts))
     run_dir = RunDir(Path(config.run.output_dir) / config.run.name)
+    try:
+        return _train(config, run_dir, reward, eval_metrics, accelerator, resume, overwrite, quiet)
+    finally:
+        run_dir.unlock()
+
+
+def _train(config: Config, run_dir: RunDir, reward, eval_metrics, accelerator, resume: bool, overwrite: bool, quiet: bool) -> RunDir:
+    """The rest of :func:`train`, with the run folder held by this process from the moment it exists."""
+    changes, keep_config = {}, False
     if dist.is_main():
+        with os_errors_name(run_dir.root, "cannot use run folder"):
+            run_dir.check_writable()
+            run_dir.lock(create=False)  # a folder in use: refused now (a new one is locked when it is made)
         run_dir.check(resume=resume, overwrite=overwrite)
+        if resume:
+            changes = run_dir.resume_changes(config.to_dict())
+            keep_config = run_dir.config.is_file() and run_dir.has_progress()
     # Reward and metric models load before the diffusion model and the first sample: missing weights end the run now.
     load_reward_models(reward, "rewards")
     if eval_metrics:
@@ -99,7 +114,9 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     start_after = dist.broadcast_object(start_after)
     if dist.is_main():
         with os_errors_name(run_dir.root, "cannot write run folder"):
-            save_config(config, run_dir.config)
+            if not keep_config:
+                save_config(config, run_dir.config)  # a resumed run keeps the config it started with ...
+            run_dir.record_config_changes(changes, start_after)  # ... and records what it changed
 
     # 2. Build the model.
     quiet_model_libraries()

@@ -202,3 +202,51 @@ def test_run_name_is_one_plain_folder_name(name, tmp_path, capsys, monkeypatch):
 def test_guard_watch_needs_max_drop_se(capsys):
     assert main(["train", "guard.watch=[eval_reward]", "prompts.eval_builtin=demo_eval"]) == 2
     assert "guard.max_drop_se" in one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per folder, and a resumed run is still one run
+
+
+def test_a_folder_in_use_is_refused_naming_the_process_and_a_dead_ones_lock_is_taken_over(random_sd, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from raft_diffusion.core.run_dir import RunDir
+
+    holder = RunDir(tmp_path / "r")
+    holder.lock()  # a run in progress (this process: flock is per open file, as between two processes)
+    assert main(small_run(random_sd, tmp_path, "--resume")) == 2
+    err = one_line_error(capsys)
+    assert f"in use by another run (process {os.getpid()})" in err
+    assert sorted(p.name for p in holder.root.iterdir()) == ["run.lock"]  # nothing else was written
+    holder.unlock()
+
+    # A run killed while holding the folder: its lock goes with its process.
+    code = f"from raft_diffusion.core.run_dir import RunDir; import os, signal; RunDir({str(holder.root)!r}).lock(); os.kill(os.getpid(), signal.SIGKILL)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == -9
+    assert main(small_run(random_sd, tmp_path, "--resume")) == 0
+
+
+def test_a_resume_refuses_changes_to_what_defines_the_results_and_records_the_others(random_sd, tmp_path, capsys):
+    import json
+
+    from raft_diffusion.core.run_dir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    assert main(small_run(random_sd, tmp_path)) == 0
+    config = run.config.read_text()
+    assert main(small_run(random_sd, tmp_path, "run.seed=1", "train.lr=1e-3", "--resume")) == 2
+    err = one_line_error(capsys)
+    assert "run.seed (0 -> 1)" in err and "train.lr" in err and "sampling" not in err
+    assert main(small_run(random_sd, tmp_path, "rewards=[{target: 'tests.plugins:brightness', weight: 2}]", "--resume")) == 2
+    assert "rewards" in one_line_error(capsys)
+
+    assert main(small_run(random_sd, tmp_path, "run.stages=2", "log.tensorboard=false", "--resume")) == 0
+    assert [r["stage"] for r in run.read_metrics()] == [1, 2] and run.config.read_text() == config
+    (change,) = [json.loads(line) for line in run.config_changes.read_text().splitlines()]
+    assert change["after_stage"] == 1 and change["changes"] == {"log.tensorboard": [True, False], "run.stages": [1, 2]}
+    capsys.readouterr()
+    assert main(small_run(random_sd, tmp_path, "--resume")) == 2  # run.stages is 2 now: it may only rise
+    assert "run.stages (2 -> 1)" in one_line_error(capsys)
