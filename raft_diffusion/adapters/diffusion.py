@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from raft_diffusion.adapters.training import CheckpointMismatchError, Finetuner, check_lora_targets
 from raft_diffusion.core import progress
+from raft_diffusion.core.config import ConfigError
 from raft_diffusion.core.protocols import Candidate
 from raft_diffusion.adapters.diffusion_utils import (  # noqa: F401  (errors re-exported for callers)
     TEXT_ENCODER_LORA_TARGETS,
@@ -83,7 +84,7 @@ class DiffusionAdapter:
         sched_config = self.scheduler.config
         learned_variance = sched_config.get("variance_type", "fixed_small") != "fixed_small"
         if self.record and (sched_config.get("thresholding") or learned_variance):
-            raise ValueError("selection.beta > 0: log_ratio supports neither thresholding nor a learned variance")
+            raise UnsupportedModelError("selection.beta > 0: log_ratio supports neither thresholding nor a learned variance")
         # Training noise follows the model's own schedule (its scheduler config), whatever the sampler.
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
 
@@ -130,11 +131,11 @@ class DiffusionAdapter:
         sampler_cls = scheduler_class(c.model.scheduler)
         if self.record:  # log_ratio scores Gaussian transitions: DDIM with eta > 0, or DDPM
             if sampler_cls not in (DDIMScheduler, DDPMScheduler):
-                raise ValueError(
+                raise ConfigError(
                     f"selection.beta > 0 needs model.scheduler ddim (with sampling.eta > 0) or ddpm, not {c.model.scheduler!r}"
                 )
             if sampler_cls is DDIMScheduler and c.sampling.eta == 0:
-                raise ValueError("selection.beta > 0 needs stochastic sampling: set sampling.eta > 0 (e.g. 1.0) for ddim")
+                raise ConfigError("selection.beta > 0 needs stochastic sampling: set sampling.eta > 0 (e.g. 1.0) for ddim")
 
     def _add_lora(self) -> bool:
         """A fresh LoRA from ``model.lora`` or the one in ``model.init_lora`` (with its own rank,
@@ -175,7 +176,7 @@ class DiffusionAdapter:
         width = s.width or self.unet.config.sample_size * vsf
         multiple = vsf * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if height % multiple or width % multiple:
-            raise ValueError(f"sampling.height/width must be multiples of {multiple} for this model, got {height}x{width}")
+            raise ConfigError(f"sampling.height/width must be multiples of {multiple} for this model, got {height}x{width}")
         return height, width
 
     @property

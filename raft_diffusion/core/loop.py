@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from raft_diffusion.core import dist, progress, stats
-from raft_diffusion.core.config import Config
+from raft_diffusion.core.config import Config, ConfigError
 from raft_diffusion.core.errors import DivergedError
 from raft_diffusion.core.guard import OUTCOME_FILE, Guard, check_guard
 from raft_diffusion.core.prompts import load_prompts, stage_prompts
@@ -114,7 +114,7 @@ class RaftLoop:
         if config.eval.max_prompts:
             self.eval_prompts = self.eval_prompts[: config.eval.max_prompts]
         if config.selection.beta > 0 and not has_log_ratio(adapter):
-            raise ValueError("selection.beta > 0 needs an adapter with log_ratio")
+            raise ConfigError("selection.beta > 0 needs an adapter with log_ratio")
         self.pool = ReplayPool(config, config.run.seed)
         self.guard = Guard(config, self._sample_scores)
         self._eval_samples: dict[int, dict] = {}  # stage -> per-sample eval scores (guard.watch reads them)
