@@ -3,6 +3,7 @@ commas, one run per folder, a resumed run is still one run, and every user mista
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -317,3 +318,36 @@ def test_an_llm_prompt_longer_than_the_context_is_one_line(tmp_path, capsys):
                  "rewards=[{target: 'tests.plugins:good_count_with_marker'}]"])
     assert code == 2
     assert "exceeds the model's context" in one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward values
+
+
+@pytest.mark.parametrize("values", [
+    [1, 2.5, 3], (1.0, 2.0, 3.0), np.array([1.0, 2.5, 3.0]), np.array([[1.0], [2.5], [3.0]]), np.array([1, 2, 3]),
+    torch.tensor([1.0, 2.5, 3.0]), torch.tensor([[1.0], [2.5], [3.0]]), [np.float32(1), torch.tensor(2.5), 3],
+], ids=["list", "tuple", "array", "array-n1", "int-array", "tensor", "tensor-n1", "mixed-scalars"])
+def test_reward_values_that_are_n_numbers_are_accepted(values):
+    from raft_diffusion.core.scores import to_scores
+
+    assert to_scores(values, 3, "r").shape == (3,)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"a": 1.0, "b": 2.0, "c": 3.0}, "returned dict"),
+    (["1.0", "2.0", "3.0"], "non-numeric scores (str)"),
+    ("123", "returned str"),
+    (np.ones((3, 2)), "ndarray of shape (3, 2)"),
+    (torch.ones(3, 2), "Tensor of shape (3, 2)"),
+    (np.array(["1", "2", "3"]), "array of <U1 with shape (3,)"),
+    ([1.0, 2.0], "returned 2 scores for 3 outputs"),
+    (None, "returned NoneType"),
+], ids=["dict", "numeric-strings", "string", "array-n2", "tensor-n2", "string-array", "too-few", "none"])
+def test_other_reward_values_are_one_line_naming_type_and_shape(values, words):
+    from raft_diffusion.core.protocols import RewardError
+    from raft_diffusion.core.scores import to_scores
+
+    with pytest.raises(RewardError) as err:
+        to_scores(values, 3, "r")
+    assert words in str(err.value) and "\n" not in str(err.value)
