@@ -103,12 +103,12 @@ def load_prompts(cfg) -> tuple[list[str], list[str]]:
 
 
 def stage_prompts(prompts: list[str], n: int, seed: int, stage: int, shuffle: bool = True) -> list[str]:
-    """The ``n`` prompts of one stage: a pure function of (seed, stage), so a resumed run draws the same.
+    """The ``n`` prompts of stage ``stage`` (from 1): a pure function of (seed, stage), so a resumed run draws the same.
 
     Prompts are taken in epochs: each pass over the prompt list is a fresh seeded permutation
     (or the plain order without ``shuffle``), so every prompt is seen equally often.
     """
-    start = stage * n
+    start = (stage - 1) * n  # stages count from 1
     out = []
     for position in range(start, start + n):
         epoch, index = divmod(position, len(prompts))
