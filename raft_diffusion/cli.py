@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -63,12 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = train(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     except RunInterrupted as err:
         run_root = Path(config.run.output_dir) / config.run.name
-        overrides = " ".join(args.overrides)
-        cfg = f" --config {args.config}" if args.config else ""
-        print(
-            f"interrupted ({err}); the run in {run_root} is resumable: raft-diffusion train{cfg} {overrides} --resume".replace("  ", " "),
-            file=sys.stderr,
-        )
+        command = ["raft-diffusion", "train", *(["--config", str(args.config)] if args.config else []), *args.overrides, "--resume"]
+        print(f"interrupted ({err}); the run in {run_root} is resumable: {shlex.join(command)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     from raft_diffusion.core import dist
 

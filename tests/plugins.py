@@ -51,3 +51,12 @@ def good_count_with_marker(texts, prompts):
     (folder / f"score-{calls:03d}").touch()
     time.sleep(0.3)
     return [float(t.split().count("good")) for t in texts]
+
+
+def interrupt(outputs, prompts):
+    """Brightness, after a SIGINT to this process (as Ctrl-C sends): the run stops resumable."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGINT)
+    return brightness(outputs, prompts)

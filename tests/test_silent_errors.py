@@ -351,3 +351,21 @@ def test_other_reward_values_are_one_line_naming_type_and_shape(values, words):
     with pytest.raises(RewardError) as err:
         to_scores(values, 3, "r")
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_printed_resume_command_is_shell_quoted(random_sd, tmp_path, capsys):
+    import shlex
+
+    args = small_run(random_sd, tmp_path, "rewards=[{target: 'tests.plugins:interrupt'}]")[1:]
+    assert main(["train", *args]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    command = err.split("is resumable: ", 1)[1]
+    assert shlex.split(command) == ["raft-diffusion", "train", *args, "--resume"]
+
+
+def test_a_lora_rank_no_layer_can_reach_is_refused(random_sd, tmp_path, capsys):
+    args = small_run(random_sd, tmp_path, "model.lora.rank=4096", "model.lora.targets=[to_q, to_k, to_v, to_out.0, conv1, conv2]")
+    assert main(args) == 2
+    err = one_line_error(capsys)
+    assert "model.lora.rank 4096 is above what unet." in err and "use model.lora.rank <= 32" in err
+    assert not (tmp_path / "r" / "final").exists()

@@ -60,6 +60,28 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str], what: str) ->
                           f"(name its layers, or [] for the adapter's default)")
 
 
+def check_lora_rank(modules: dict[str, torch.nn.Module]) -> None:
+    """Refuse a LoRA rank that a layer it adapts cannot reach (above min(inputs, outputs)): it only
+    costs memory and export size, in one line naming the widest rank that works."""
+    limits = []
+    for prefix, module in modules.items():
+        for name, layer in module.named_modules():
+            lora_a, lora_b = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict) or not isinstance(lora_b, torch.nn.ModuleDict):
+                continue
+            for adapter in lora_a.keys() & lora_b.keys():
+                down, up = lora_a[adapter].weight, lora_b[adapter].weight  # [r, in, *kernel], [out, r, ...]
+                inputs, outputs = math.prod(down.shape[1:]), up.shape[0]
+                limits.append((min(inputs, outputs), down.shape[0], f"{prefix}.{name}", inputs, outputs))
+    over = [limit for limit in limits if limit[1] > limit[0]]
+    if over:
+        _, rank, where, inputs, outputs = min(over)
+        from raft_diffusion.core.config import ConfigError
+
+        raise ConfigError(f"model.lora.rank {rank} is above what {where} can use ({inputs} inputs, {outputs} outputs): "
+                          f"use model.lora.rank <= {min(limit[0] for limit in limits)}")
+
+
 def lr_factor(schedule: str, step: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier after ``step`` of ``total`` optimizer steps of the run."""
     if schedule == "constant" or total <= 0:
@@ -79,6 +101,7 @@ class Finetuner:
         self.accelerator, self.config = accelerator, config
         t = config.train
         self.modules = dict(modules)
+        check_lora_rank(self.modules)
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                       weight_decay=t.weight_decay)
