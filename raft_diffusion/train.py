@@ -113,6 +113,7 @@ def _train(config: Config, run_dir: RunDir, reward, eval_metrics, accelerator, r
     start_after = run_dir.prepare(resume=resume, overwrite=overwrite) if dist.is_main() else 0
     start_after = dist.broadcast_object(start_after)
     if dist.is_main():
+        run_dir.lock()  # a folder made (or moved aside and made again) just now
         with os_errors_name(run_dir.root, "cannot write run folder"):
             if not keep_config:
                 save_config(config, run_dir.config)  # a resumed run keeps the config it started with ...

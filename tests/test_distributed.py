@@ -47,7 +47,8 @@ def assert_same_run(one: Path, two: Path, weights_file: str, trained_key: str) -
     lines = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)}
     assert [r["stage"] for r in lines[two]] == [0, 1, 2]  # written once, by the main process
     for r1, r2 in zip(lines[one], lines[two]):
-        for key in ("reward_mean", "reward_chosen_mean", "eval_reward", "train_loss"):
+        # the diversity metrics too: over every process's candidates
+        for key in ("reward_mean", "reward_chosen_mean", "eval_reward", "train_loss", "diversity", "eval_diversity", "distinct_2", "eval_distinct_2"):
             if key in r1:
                 assert abs(r1[key] - r2[key]) < 1e-4, key
     assert "train_loss" in lines[two][-1]
@@ -68,7 +69,7 @@ def test_two_processes_equal_one(tmp_path):
         "prompts.eval_items=[a red square, a blue circle]", "rewards=tests.plugins:brightness", "--quiet",
     ]
     one, two = one_and_two_processes(tmp_path, common, one_batch=4, port=29533)
-    assert_same_run(one, two, "pytorch_lora_weights.safetensors", "lora.up")
+    assert_same_run(one, two, "pytorch_lora_weights.safetensors", "lora_B")
 
 
 def test_llm_two_processes_equal_one(tmp_path):

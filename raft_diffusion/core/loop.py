@@ -66,8 +66,8 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def image_diversity(outputs: list, k: int) -> float:
-    """Mean pairwise RMS pixel distance (0-1 scale) among the K candidates of each prompt."""
+def image_distances(outputs: list, k: int) -> list[float]:
+    """Pairwise RMS pixel distances (0-1 scale) among the K candidates of each prompt."""
     distances = []
     for start in range(0, len(outputs) - k + 1, k):
         group = np.stack([np.asarray(o.convert("RGB").resize((32, 32)), dtype=np.float32) / 255 for o in outputs[start : start + k]])
@@ -75,14 +75,25 @@ def image_diversity(outputs: list, k: int) -> float:
         for a in range(k):
             for b in range(a + 1, k):
                 distances.append(float(np.sqrt(np.mean((flat[a] - flat[b]) ** 2))))
-    return float(np.mean(distances)) if distances else 0.0
+    return distances
 
 
 def diversity(outputs: list, k: int) -> dict[str, float]:
+    """Diversity of the candidates of every process (each passes its own; a collective call): distinct
+    word bigrams of texts, or the mean pairwise pixel distance among each prompt's K images."""
     if outputs and isinstance(outputs[0], str):
-        return {"distinct_2": distinct_n(outputs, 2)}
-    if outputs and hasattr(outputs[0], "convert") and k > 1:
-        return {"diversity": image_diversity(outputs, k)}
+        mine = ("texts", list(outputs))
+    elif outputs and hasattr(outputs[0], "convert") and k > 1:
+        mine = ("images", image_distances(outputs, k))
+    else:
+        mine = (None, [])
+    parts = dist.gather_objects(mine)
+    kinds = {kind for kind, _ in parts if kind}
+    every = [x for _, values in parts for x in values]
+    if kinds == {"texts"}:
+        return {"distinct_2": distinct_n(every, 2)}
+    if kinds == {"images"}:
+        return {"diversity": float(np.mean(every)) if every else 0.0}
     return {}
 
 

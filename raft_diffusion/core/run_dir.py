@@ -281,11 +281,10 @@ class RunDir:
             if self.root.is_dir() and self.has_progress() and not resume:
                 # Nothing finished is destroyed: the old run is moved aside, not deleted.
                 aside = self.root.with_name(f"{self.root.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(self.root, aside)  # the lock went with it: hold the new folder instead
-                self.unlock()
+                os.replace(self.root, aside)
+                self.unlock()  # the lock went with it (the caller locks the new folder)
                 print(f"moved the previous run to {aside}")
             self.root.mkdir(parents=True, exist_ok=True)
-            self.lock()
             if not resume:
                 return 0
             self.clean_partial()
