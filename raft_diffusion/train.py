@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from raft_diffusion.core import dist, progress
-from raft_diffusion.core.config import Config, save_config
+from raft_diffusion.core.config import Config, ConfigError, save_config
 from raft_diffusion.core.guard import check_guard
 from raft_diffusion.core.loop import RaftLoop
 from raft_diffusion.core.prompts import load_prompts
@@ -17,21 +18,36 @@ from raft_diffusion.rewards import RewardError, WeightedReward, build_reward
 
 
 def resolve_device(name: str) -> str:
+    """``model.device``, checked (one line when this machine lacks it); ``auto``: cuda, mps or cpu."""
     import torch
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"model.device: {name!r} is not a device (auto, cpu, cuda, cuda:N or mps)") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ConfigError(f"model.device: {name} is not available (this machine has {count} CUDA devices)")
+    if device.type == "mps" and not mps:
+        raise ConfigError("model.device: mps is not available on this machine")
+    return name
 
 
 def make_accelerator(config: Config):
+    """The run's Accelerator, on ``model.device``: the adapter, the rewards and the metrics all use its device."""
+    import torch
     from accelerate import Accelerator
 
     device = resolve_device(config.model.device)
+    index = torch.device(device).index
+    if index is not None and torch.device(device).type == "cuda":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"model.device: {device} names one GPU, but under accelerate launch each process "
+                              f"takes its own: use model.device=auto")
+        torch.cuda.set_device(index)  # a single process runs on the current CUDA device, which accelerate calls "cuda"
     return Accelerator(
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_steps=config.train.grad_accum,

@@ -369,3 +369,13 @@ def test_a_lora_rank_no_layer_can_reach_is_refused(random_sd, tmp_path, capsys):
     err = one_line_error(capsys)
     assert "model.lora.rank 4096 is above what unet." in err and "use model.lora.rank <= 32" in err
     assert not (tmp_path / "r" / "final").exists()
+
+
+@pytest.mark.parametrize("device, words", [("cuda:7", "model.device: cuda:7 is not available"), ("gpu", "is not a device")])
+def test_a_device_this_machine_lacks_is_one_line_before_any_model_loads(device, words, tmp_path, capsys, monkeypatch):
+    import raft_diffusion.adapters as adapters
+
+    monkeypatch.setattr(adapters, "build_adapter", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["train", f"model.device={device}", f"run.output_dir={tmp_path}"]) == 2
+    assert words in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
