@@ -201,14 +201,15 @@ class Finetuner:
             precision = f"train.mixed_precision {t.mixed_precision}, model.dtype {self.config.model.dtype}"
             raise DivergedError(
                 f"fine-tuning diverged: a non-finite {what} at optimizer step {step} of {t.steps_per_stage}, "
-                f"not applied; likely train.lr ({t.lr:g}) too high, or the precision ({precision}): lower it"
+                f"not applied; likely train.lr ({t.lr:g}) is too high: lower it, or change the precision ({precision})"
             )
 
     def check_weights_finite(self) -> None:
         """Refuse trainable weights that are not all finite (never checkpointed or exported)."""
         if not all(torch.isfinite(p).all() for p in self.params):
             raise DivergedError(f"fine-tuning diverged: non-finite weights; likely train.lr ({self.config.train.lr:g}) "
-                                f"too high, or the precision (train.mixed_precision {self.config.train.mixed_precision})")
+                                f"is too high: lower it, or change the precision (train.mixed_precision "
+                                f"{self.config.train.mixed_precision})")
 
     @contextmanager
     def averaged(self):

@@ -267,8 +267,9 @@ class RaftLoop:
         return record
 
     def _diverged(self, stage: int, err: DivergedError) -> DivergedError:
-        """Record the divergence in the stage's folder (a resume may then change train.* and model.dtype)
-        and say where the run stands: nothing of this stage is checkpointed, nothing exported."""
+        """Record the divergence in the stage's folder (the resume that fixes it may change the rate and
+        the precision, see ``run_dir.FIXES_DIVERGENCE``) and say where the run stands: nothing of this
+        stage is checkpointed, nothing exported."""
         last = self.run_dir.last_stage()
         if dist.is_main():
             record = {"stage": stage, "last_good_stage": last, "error": str(err)}
