@@ -230,7 +230,7 @@ class RunDir:
         allowed = RESUME_MAY_CHANGE
         if (self.stages / stage_name(self.last_stage() + 1) / DIVERGED_FILE).is_file():
             allowed += FIXES_DIVERGENCE
-        refused = [key for key in changes if not key.startswith(allowed)]
+        refused = [key for key in changes if not any(key == a or a.endswith(".") and key.startswith(a) for a in allowed)]
         stages = changes.get("run.stages")
         if stages and isinstance(stages[0], int) and isinstance(stages[1], int) and stages[1] < stages[0]:
             refused.append("run.stages")
