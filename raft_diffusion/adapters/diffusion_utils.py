@@ -277,8 +277,8 @@ def load_lora(pipe, path: str) -> bool:
     loaded = sum(1 for component in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, component, None) is not None
                  for name, _ in getattr(pipe, component).named_parameters() if re.search(r"\.lora_[AB]\.default\.", name))
     if loaded != expected:
-        raise LoraError(f"LoRA {path!r}: the pipeline loaded {loaded} of its {expected} tensors (a file that mixes "
-                        f"key namings, e.g. lora.down/lora.up with lora_A/lora_B); export it again")
+        raise LoraError(f"LoRA {path!r}: diffusers loaded {loaded} of its {expected} tensors (the file mixes key "
+                        f"namings, e.g. lora.down/lora.up with lora_A/lora_B): write it in one naming (peft's lora_A/lora_B)")
     return has_text_encoder
 
 
