@@ -379,3 +379,10 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_model_loads(device, 
     assert main(["train", f"model.device={device}", f"run.output_dir={tmp_path}"]) == 2
     assert words in one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, words", [("{clip: demo, dtype: fp12}", "unknown dtype 'fp12'"),
+                                         ("{clip: demo, batch_size: 0}", "batch_size must be >= 1")])
+def test_bad_reward_arguments_are_one_line(args, words, tmp_path, capsys):
+    assert main(["train", f"rewards=[{{name: aesthetic, args: {args}}}]", f"run.output_dir={tmp_path}"]) == 2
+    assert words in one_line_error(capsys)
