@@ -29,7 +29,11 @@ _DTYPES = {
 }  # fmt: skip
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class AestheticError(ValueError):
+    """The base of every error bad input to this package causes (a name, a file, a setting)."""
+
+
+class WeightsNotFoundError(AestheticError, FileNotFoundError):
     """CLIP weights are neither in the local cache nor a local file (and cannot be downloaded).
 
     ``problem`` says what is missing; ``fix`` holds the arguments that would load local files
@@ -43,7 +47,7 @@ class WeightsNotFoundError(FileNotFoundError):
         super().__init__(f"{problem}; pass local files instead: {advice}" if advice else problem)
 
 
-class ClipConfigError(ValueError):
+class ClipConfigError(AestheticError):
     """A CLIP model name, config file or checkpoint that cannot be used."""
 
 
@@ -58,7 +62,7 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device | str | No
     if dtype is None:
         return torch.float16 if torch.device(device or default_device()).type == "cuda" else torch.float32
     if str(dtype).lower() not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)})")
+        raise ClipConfigError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)})")
     return _DTYPES[str(dtype).lower()]
 
 
@@ -257,7 +261,7 @@ class ClipImageEmbedder:
 
     def __init__(self, clip_model: nn.Module, preprocess, device=None, dtype=None, batch_size: int = 64):
         if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ClipConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_dtype(dtype, self.device)
         self.clip_model = clip_model.to(self.device, self.dtype).eval()

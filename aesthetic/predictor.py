@@ -13,13 +13,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from aesthetic.loading import ClipImageEmbedder, load_clip
+from aesthetic.loading import AestheticError, ClipImageEmbedder, load_clip
 
 DEFAULT_HEAD = Path(__file__).resolve().parent / "weights" / "sac+logos+ava1-l14-linearMSE.pth"
 HEAD_LINEARS = (0, 2, 4, 6, 7)  # positions of the Linear layers in AestheticHead.layers
 
 
-class HeadError(ValueError):
+class HeadError(AestheticError):
     """An aesthetic head that cannot be loaded or does not fit the CLIP model."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,32 +20,12 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input and become one line + exit 2."""
-    from raft_diffusion.assets import MissingAssetError
-    from raft_diffusion.core.config import ConfigError
-    from raft_diffusion.core.prompts import PromptError
-    from raft_diffusion.core.run_dir import RunDirError
-    from raft_diffusion.core.protocols import RewardError
-    from raft_diffusion.deps import DependencyError
+    """Exceptions that mean bad input and become one line + exit 2: :class:`UserError`, and the base of
+    the ``aesthetic`` package's (which imports nothing of this one), when it was imported."""
+    from raft_diffusion.core.errors import UserError
 
-    errors: list[type[BaseException]] = [ConfigError, PromptError, RunDirError, RewardError, MissingAssetError, DependencyError]
-    for module, name in (
-        ("raft_diffusion.adapters.diffusion.loading", "ModelNotFoundError"),
-        ("raft_diffusion.adapters.diffusion.loading", "LoraError"),
-        ("raft_diffusion.hub", "ModelNotFoundError"),
-        ("raft_diffusion.adapters.training", "CheckpointMismatchError"),
-        ("aesthetic.loading", "WeightsNotFoundError"),
-        ("aesthetic.loading", "ClipConfigError"),
-        ("aesthetic.predictor", "HeadError"),
-        ("raft_diffusion.scoring", "ScoreError"),
-        ("raft_diffusion.sampling", "SampleError"),
-        ("raft_diffusion.adapters.diffusion.loading", "UnsupportedModelError"),
-    ):
-        # Only modules already imported can have raised; importing the others would cost seconds.
-        mod = sys.modules.get(module)
-        if mod is not None and isinstance(getattr(mod, name, None), type):
-            errors.append(getattr(mod, name))
-    return tuple(errors)
+    aesthetic = sys.modules.get("aesthetic.loading")
+    return (UserError, *([aesthetic.AestheticError] if aesthetic is not None else []))
 
 
 def silence_known_warnings() -> None:
@@ -71,12 +52,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = train(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     except RunInterrupted as err:
         run_root = Path(config.run.output_dir) / config.run.name
-        overrides = " ".join(args.overrides)
-        cfg = (f" --config {args.config}" if args.config else "") + "".join(f" --import {m}" for m in args.imports)
-        print(
-            f"interrupted ({err}); the run in {run_root} is resumable: raft-diffusion train{cfg} {overrides} --resume".replace("  ", " "),
-            file=sys.stderr,
-        )
+        command = ["raft-diffusion", "train", *(["--config", str(args.config)] if args.config else []),
+                   *(part for module in args.imports for part in ("--import", module)), *args.overrides, "--resume"]
+        print(f"interrupted ({err}); the run in {run_root} is resumable: {shlex.join(command)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     from raft_diffusion.core import dist
 

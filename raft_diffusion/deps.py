@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 from importlib import metadata
 
+from raft_diffusion.core.errors import UserError
+
 DISTRIBUTION = "raft-diffusion"
 
 
-class DependencyError(RuntimeError):
+class DependencyError(UserError, RuntimeError):
     """An installed dependency is missing or older than the floor raft-diffusion declares for it."""
 
 

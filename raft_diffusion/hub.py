@@ -14,6 +14,7 @@ import functools
 from pathlib import Path
 
 from raft_diffusion.assets import resolve
+from raft_diffusion.core.errors import UserError
 
 PROBE_TIMEOUT_S = 3.0
 
@@ -46,7 +47,7 @@ def no_hub_reason() -> str:
     return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """A model or tokenizer could not be found locally and could not be downloaded."""
 
 

@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from raft_diffusion.core import dist, progress
-from raft_diffusion.core.config import Config, save_config
+from raft_diffusion.core.config import Config, ConfigError, save_config
 from raft_diffusion.core.guard import check_guard
 from raft_diffusion.core.loop import RaftLoop
 from raft_diffusion.core.prompts import load_prompts
@@ -17,21 +18,36 @@ from raft_diffusion.rewards import RewardError, WeightedReward, build_reward
 
 
 def resolve_device(name: str) -> str:
+    """``model.device``, checked (one line when this machine lacks it); ``auto``: cuda, mps or cpu."""
     import torch
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"model.device: {name!r} is not a device (auto, cpu, cuda, cuda:N or mps)") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ConfigError(f"model.device: {name} is not available (this machine has {count} CUDA devices)")
+    if device.type == "mps" and not mps:
+        raise ConfigError("model.device: mps is not available on this machine")
+    return name
 
 
 def make_accelerator(config: Config):
+    """The run's Accelerator, on ``model.device``: the adapter, the rewards and the metrics all use its device."""
+    import torch
     from accelerate import Accelerator
 
     device = resolve_device(config.model.device)
+    index = torch.device(device).index
+    if index is not None and torch.device(device).type == "cuda":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"model.device: {device} names one GPU, but under accelerate launch each process "
+                              f"takes its own: use model.device=auto")
+        torch.cuda.set_device(index)  # a single process runs on the current CUDA device, which accelerate calls "cuda"
     return Accelerator(
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_steps=config.train.grad_accum,
@@ -91,8 +107,23 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     eval_metrics = build_reward(config.eval.metrics, device=device, dtype=dtype) if config.eval.metrics else None
     check_guard(config, eval_metrics, bool(eval_prompts), reward)
     run_dir = RunDir(Path(config.run.output_dir) / config.run.name)
+    try:
+        return _train(config, run_dir, reward, eval_metrics, accelerator, resume, overwrite, quiet)
+    finally:
+        run_dir.unlock()
+
+
+def _train(config: Config, run_dir: RunDir, reward, eval_metrics, accelerator, resume: bool, overwrite: bool, quiet: bool) -> RunDir:
+    """The rest of :func:`train`, with the run folder held by this process from the moment it exists."""
+    changes, keep_config = {}, False
     if dist.is_main():
+        with os_errors_name(run_dir.root, "cannot use run folder"):
+            run_dir.check_writable()
+            run_dir.lock(create=False)  # a folder in use: refused now (a new one is locked when it is made)
         run_dir.check(resume=resume, overwrite=overwrite)
+        if resume:
+            changes = run_dir.resume_changes(config.to_dict())
+            keep_config = run_dir.config.is_file() and run_dir.has_progress()
     # Reward and metric models load before the diffusion model and the first sample: missing weights end the run now.
     load_reward_models(reward, "rewards")
     if eval_metrics:
@@ -100,8 +131,11 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: 
     start_after = run_dir.prepare(resume=resume, overwrite=overwrite) if dist.is_main() else 0
     start_after = dist.broadcast_object(start_after)
     if dist.is_main():
+        run_dir.lock()  # a folder made (or moved aside and made again) just now
         with os_errors_name(run_dir.root, "cannot write run folder"):
-            save_config(config, run_dir.config)
+            if not keep_config:
+                save_config(config, run_dir.config)  # a resumed run keeps the config it started with ...
+            run_dir.record_config_changes(changes, start_after)  # ... and records what it changed
 
     # 2. Build the model.
     from raft_diffusion.adapters import build_adapter

@@ -21,8 +21,9 @@ import math
 from pathlib import Path
 
 from raft_diffusion.core.config import from_dict, load_yaml
+from raft_diffusion.core.errors import UserError
 
-class SampleError(ValueError):
+class SampleError(UserError):
     """Bad arguments to the sample command, or an output folder that cannot be written."""
 
 

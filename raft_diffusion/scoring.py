@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from raft_diffusion.core.errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 SAMPLES_INDEX = "samples.jsonl"  # what `raft-diffusion sample` writes beside its images and grid.png
 OUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
@@ -28,7 +30,7 @@ CHUNK = 64  # images held in memory at once
 DEMO_CLIP_REWARDS = ("aesthetic", "clip_score")  # the rewards that can score with the packaged demo CLIP
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError):
     """Bad arguments to the score command."""
 
 

@@ -59,3 +59,12 @@ def prompt_and_output(outputs, prompts):
         raise RuntimeError("boom was asked for")
     values = brightness(outputs, prompts) if outputs and not isinstance(outputs[0], str) else [len(o) for o in outputs]
     return [len(p) + v for p, v in zip(prompts, values)]
+
+
+def interrupt(outputs, prompts):
+    """Brightness, after a SIGINT to this process (as Ctrl-C sends): the run stops resumable."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGINT)
+    return brightness(outputs, prompts)

@@ -93,10 +93,11 @@ def test_builtin_prompt_sets():
 
 def test_stage_prompts_cover_every_prompt_each_epoch():
     prompts = [f"p{i}" for i in range(10)]
-    drawn = stage_prompts(prompts, 5, seed=1, stage=0) + stage_prompts(prompts, 5, seed=1, stage=1)
+    drawn = stage_prompts(prompts, 5, seed=1, stage=1) + stage_prompts(prompts, 5, seed=1, stage=2)  # stages count from 1
     assert sorted(drawn) == sorted(prompts)
     assert stage_prompts(prompts, 5, seed=1, stage=3) == stage_prompts(prompts, 5, seed=1, stage=3)
-    assert stage_prompts(prompts, 3, seed=0, stage=1, shuffle=False) == ["p3", "p4", "p5"]
+    assert stage_prompts(prompts, 3, seed=0, stage=1, shuffle=False) == ["p0", "p1", "p2"]
+    assert stage_prompts(prompts, 3, seed=0, stage=4, shuffle=False) == ["p9", "p0", "p1"]
 
 
 def test_selection_strategies():

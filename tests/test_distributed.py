@@ -48,7 +48,8 @@ def assert_same_run(one: Path, two: Path, weights_file: str, trained_key: str) -
     lines = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)}
     assert [r["stage"] for r in lines[two]] == [0, 1, 2]  # written once, by the main process
     for r1, r2 in zip(lines[one], lines[two]):
-        for key in ("reward_mean", "reward_chosen_mean", "eval_reward", "train_loss"):
+        # the diversity metrics too: over every process's candidates
+        for key in ("reward_mean", "reward_chosen_mean", "eval_reward", "train_loss", "diversity", "eval_diversity", "distinct_2", "eval_distinct_2"):
             if key in r1:
                 assert abs(r1[key] - r2[key]) < 1e-4, key
     assert "train_loss" in lines[two][-1]

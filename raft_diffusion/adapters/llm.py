@@ -38,6 +38,7 @@ from transformers import (
 from raft_diffusion.adapters.training import Finetuner, check_lora_targets
 from raft_diffusion.core import progress
 from raft_diffusion.core.config import ConfigError
+from raft_diffusion.core.prompts import PromptError
 from raft_diffusion.core.protocols import Candidate
 from raft_diffusion.assets import resolve
 from raft_diffusion.hub import ModelNotFoundError, load_pretrained  # noqa: F401  (errors re-exported for callers)
@@ -181,7 +182,7 @@ class LLMAdapter:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # labels come from lengths, so pad == eos is safe
         if self.settings.chat_template and not self.tokenizer.chat_template:
-            raise ValueError(f"llm.chat_template is true but the tokenizer of {m.pretrained!r} has no chat template")
+            raise ConfigError(f"llm.chat_template is true but the tokenizer of {m.pretrained!r} has no chat template")
         self.dtype = self._weights_dtype()
         model = self._load_base()
         self.eos_ids = self._eos_ids(model)
@@ -203,7 +204,7 @@ class LLMAdapter:
         if m.dtype != "auto":
             dtype = getattr(torch, m.dtype)
             if self.full_finetune and dtype == torch.float16:
-                raise ValueError("model.dtype float16 cannot be trained in full (lora.rank 0): use bfloat16, "
+                raise ConfigError("model.dtype float16 cannot be trained in full (lora.rank 0): use bfloat16, "
                                  "or float32 with train.mixed_precision fp16")
             return dtype
         if self.device.type == "cuda" and not self.full_finetune:  # frozen base weights: half precision
@@ -224,7 +225,7 @@ class LLMAdapter:
             eos = self.tokenizer.eos_token_id
         ids = [eos] if isinstance(eos, int) else list(eos or [])
         if not ids:
-            raise ValueError(f"model.pretrained: {self.config.model.pretrained!r} defines no EOS token")
+            raise ConfigError(f"model.pretrained: {self.config.model.pretrained!r} defines no EOS token")
         return ids
 
     def _add_lora(self, model):
@@ -270,8 +271,8 @@ class LLMAdapter:
             ids = [start if start is not None else self.eos_ids[0]]
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context and len(ids) + self.settings.max_new_tokens > context:
-            raise ValueError(f"prompt of {len(ids)} tokens + llm.max_new_tokens "
-                             f"{self.settings.max_new_tokens} exceeds the model's context of {context}")
+            raise PromptError(f"prompt of {len(ids)} tokens + llm.max_new_tokens "
+                              f"{self.settings.max_new_tokens} exceeds the model's context of {context}")
         return ids
 
     def _generation_config(self) -> GenerationConfig:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from raft_diffusion.core import progress
+from raft_diffusion.core.errors import DivergedError, UserError
 
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "finetuner.json"
@@ -43,7 +44,7 @@ GENERATOR_FILE = "train_generator.safetensors"
 EMA_FILE = "ema.safetensors"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint written with another trainable configuration (one-line message)."""
 
 
@@ -57,6 +58,28 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str], what: str) ->
     if missing:
         raise ConfigError(f"model.lora.targets: {', '.join(missing)} match no module of {what} "
                           f"(name its layers, or [] for the adapter's default)")
+
+
+def check_lora_rank(modules: dict[str, torch.nn.Module]) -> None:
+    """Refuse a LoRA rank that a layer it adapts cannot reach (above min(inputs, outputs)): it only
+    costs memory and export size, in one line naming the widest rank that works."""
+    limits = []
+    for prefix, module in modules.items():
+        for name, layer in module.named_modules():
+            lora_a, lora_b = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict) or not isinstance(lora_b, torch.nn.ModuleDict):
+                continue
+            for adapter in lora_a.keys() & lora_b.keys():
+                down, up = lora_a[adapter].weight, lora_b[adapter].weight  # [r, in, *kernel], [out, r, ...]
+                inputs, outputs = math.prod(down.shape[1:]), up.shape[0]
+                limits.append((min(inputs, outputs), down.shape[0], f"{prefix}.{name}", inputs, outputs))
+    over = [limit for limit in limits if limit[1] > limit[0]]
+    if over:
+        _, rank, where, inputs, outputs = min(over)
+        from raft_diffusion.core.config import ConfigError
+
+        raise ConfigError(f"model.lora.rank {rank} is above what {where} can use ({inputs} inputs, {outputs} outputs): "
+                          f"use model.lora.rank <= {min(limit[0] for limit in limits)}")
 
 
 def lr_factor(schedule: str, step: int, total: int, min_ratio: float) -> float:
@@ -78,6 +101,7 @@ class Finetuner:
         self.accelerator, self.config = accelerator, config
         t = config.train
         self.modules = dict(modules)
+        check_lora_rank(self.modules)
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                       weight_decay=t.weight_decay)
@@ -129,6 +153,7 @@ class Finetuner:
                 acc.backward(loss)
                 if acc.sync_gradients:
                     grad_norms.append(acc.clip_grad_norm_(self.params, max_norm))
+                    self._check_finite(loss_sum + loss.detach(), grad_norms[-1], len(grad_norms))
                 self.optimizer.step()
                 if acc.sync_gradients:
                     self.scheduler.step()
@@ -142,6 +167,7 @@ class Finetuner:
                 progress.advance()
         for module in self.modules.values():
             module.eval()
+        self.check_weights_finite()
         losses = torch.stack(step_losses).float() if step_losses else torch.zeros(0, device=acc.device)
         losses = acc.reduce(losses, "mean").cpu()  # each process saw its slice: the global mean
         norms = torch.stack([torch.as_tensor(v).float().cpu() for v in grad_norms]) if grad_norms else torch.zeros(0)
@@ -158,6 +184,32 @@ class Finetuner:
             "seconds_per_step": seconds / t.steps_per_stage if t.steps_per_stage else 0.0,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
+
+    def _check_finite(self, loss: torch.Tensor, grad_norm, step: int) -> None:
+        """Stop before the optimizer applies a non-finite loss or gradient (on every process alike).
+
+        Under fp16 mixed precision an infinite gradient is the grad scaler's business (it skips the
+        step and lowers the scale); a non-finite loss is not."""
+        acc, t = self.accelerator, self.config.train
+        scaled = acc.scaler is not None and acc.scaler.is_enabled()
+        bad = not torch.isfinite(loss).all() or (not scaled and not torch.isfinite(torch.as_tensor(grad_norm)).all())
+        flag = torch.tensor([float(bad)], device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, "sum")
+        if flag.item() > 0:
+            what = "loss" if not torch.isfinite(loss).all() else "gradient"
+            precision = f"train.mixed_precision {t.mixed_precision}, model.dtype {self.config.model.dtype}"
+            raise DivergedError(
+                f"fine-tuning diverged: a non-finite {what} at optimizer step {step} of {t.steps_per_stage}, "
+                f"not applied; likely train.lr ({t.lr:g}) is too high: lower it, or change the precision ({precision})"
+            )
+
+    def check_weights_finite(self) -> None:
+        """Refuse trainable weights that are not all finite (never checkpointed or exported)."""
+        if not all(torch.isfinite(p).all() for p in self.params):
+            raise DivergedError(f"fine-tuning diverged: non-finite weights; likely train.lr ({self.config.train.lr:g}) "
+                                f"is too high: lower it, or change the precision (train.mixed_precision "
+                                f"{self.config.train.mixed_precision})")
 
     @contextmanager
     def averaged(self):
@@ -232,6 +284,13 @@ class Finetuner:
         self.generator.set_state(load_file(str(path / GENERATOR_FILE))["state"])
         state = json.loads((path / STATE_FILE).read_text())
         self.scheduler.load_state_dict(state["scheduler"])
+        # The optimizer settings are the config's, not the checkpoint's: a run resumed after a
+        # divergence continues with the lower train.lr it was given.
+        t = self.config.train
+        self.scheduler.base_lrs = [t.lr] * len(self.scheduler.base_lrs)
+        for group in self.optimizer.optimizer.param_groups:
+            group.update(initial_lr=t.lr, lr=t.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch),
+                         betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
         if self.ema is not None:
             if not (path / EMA_FILE).is_file():
                 raise CheckpointMismatchError(f"checkpoint {path} has no moving average (it was saved with train.ema_decay 0)")

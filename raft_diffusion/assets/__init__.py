@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raft_diffusion.core.errors import UserError
+
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 PREFIX = "demo:"
 
 
-class MissingAssetError(FileNotFoundError):
+class MissingAssetError(UserError, FileNotFoundError):
     pass
 
 

@@ -203,6 +203,10 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+# Lists of names that cannot hold a comma, which may also be written comma-separated.
+COMMA_LISTS = {"model.lora.targets", "guard.watch"}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -213,8 +217,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and item_tp is str and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
+        if isinstance(value, str) and item_tp is str:
+            # A string where a list is expected is one item (prompts are full of commas), except for
+            # lists whose items never hold a comma: `model.lora.targets=to_q,to_v`.
+            if key in COMMA_LISTS:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            else:
+                value = [value] if value.strip() else []
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -515,7 +524,9 @@ def validate(c: Config) -> None:
         value = getattr(getattr(c, section), name)
         _check(value in choices, f"{key}: {value!r} is not one of {', '.join(choices)}{_hint(str(value), choices)}")
     _check_kind(c.model.kind)
-    _check(bool(c.run.name.strip()) and "/" not in c.run.name, f"run.name: {c.run.name!r} must be a plain folder name")
+    name = c.run.name
+    _check(bool(name.strip()) and name not in (".", "..") and not any(ch in name for ch in "/\\\0"),
+           f"run.name: {name!r} must be one plain folder name (no '.', '..', path separators or empty)")
     _check(c.run.stages >= 1, f"run.stages must be >= 1, got {c.run.stages}")
     _check(c.run.keep_checkpoints >= 0, f"run.keep_checkpoints must be >= 0, got {c.run.keep_checkpoints}")
     _check(c.run.cpu_threads >= 0, f"run.cpu_threads must be >= 0, got {c.run.cpu_threads}")
@@ -551,6 +562,8 @@ def validate(c: Config) -> None:
     _check(not (g.metric or g.watch) or c.eval.every > 0, "guard: needs held-out evaluations (eval.every > 0)")
     _check(not g.patience or g.metric, "guard.patience needs guard.metric")
     _check(not g.max_drop_se or g.watch, "guard.max_drop_se needs guard.watch")
+    _check(not g.watch or g.max_drop_se > 0,
+           "guard.watch needs guard.max_drop_se > 0 (how many paired standard errors a watched metric may fall)")
     _check(c.eval.every >= 0, f"eval.every must be >= 0, got {c.eval.every}")
     _check(c.eval.k >= 1, f"eval.k must be >= 1, got {c.eval.k}")
     _check(c.eval.max_prompts >= 0, f"eval.max_prompts must be >= 0, got {c.eval.max_prompts}")

@@ -6,3 +6,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input, reported in one line that says what to change."""
+
+
+class DivergedError(UserError):
+    """Fine-tuning met a non-finite loss or gradient; the update that would apply it was not made."""

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from raft_diffusion.core import dist, progress, stats
-from raft_diffusion.core.config import Config
+from raft_diffusion.core.config import Config, ConfigError
+from raft_diffusion.core.errors import DivergedError
 from raft_diffusion.core.guard import OUTCOME_FILE, Guard, check_guard
 from raft_diffusion.core.prompts import load_prompts, stage_prompts
 from raft_diffusion.core.protocols import Adapter, Candidate, RewardError, has_log_ratio
 from raft_diffusion.core.replay import ReplayPool
-from raft_diffusion.core.run_dir import STATE_FILE, RunDir, atomic_dir, atomic_write_text
+from raft_diffusion.core.run_dir import DIVERGED_FILE, STATE_FILE, RunDir, atomic_dir, atomic_write_text
 from raft_diffusion.core.scores import WeightedReward, moments
 from raft_diffusion.core.selection import ranking_scores, select
 
@@ -78,8 +79,8 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def image_diversity(outputs: list, k: int) -> float:
-    """Mean pairwise RMS pixel distance (0-1 scale) among the K candidates of each prompt."""
+def image_distances(outputs: list, k: int) -> list[float]:
+    """Pairwise RMS pixel distances (0-1 scale) among the K candidates of each prompt."""
     distances = []
     for start in range(0, len(outputs) - k + 1, k):
         group = np.stack([np.asarray(o.convert("RGB").resize((32, 32)), dtype=np.float32) / 255 for o in outputs[start : start + k]])
@@ -87,14 +88,25 @@ def image_diversity(outputs: list, k: int) -> float:
         for a in range(k):
             for b in range(a + 1, k):
                 distances.append(float(np.sqrt(np.mean((flat[a] - flat[b]) ** 2))))
-    return float(np.mean(distances)) if distances else 0.0
+    return distances
 
 
 def diversity(outputs: list, k: int) -> dict[str, float]:
+    """Diversity of the candidates of every process (each passes its own; a collective call): distinct
+    word bigrams of texts, or the mean pairwise pixel distance among each prompt's K images."""
     if outputs and isinstance(outputs[0], str):
-        return {"distinct_2": distinct_n(outputs, 2)}
-    if outputs and hasattr(outputs[0], "convert") and k > 1:
-        return {"diversity": image_diversity(outputs, k)}
+        mine = ("texts", list(outputs))
+    elif outputs and hasattr(outputs[0], "convert") and k > 1:
+        mine = ("images", image_distances(outputs, k))
+    else:
+        mine = (None, [])
+    parts = dist.gather_objects(mine)
+    kinds = {kind for kind, _ in parts if kind}
+    every = [x for _, values in parts for x in values]
+    if kinds == {"texts"}:
+        return {"distinct_2": distinct_n(every, 2)}
+    if kinds == {"images"}:
+        return {"diversity": float(np.mean(every)) if every else 0.0}
     return {}
 
 
@@ -126,7 +138,7 @@ class RaftLoop:
         if config.eval.max_prompts:
             self.eval_prompts = self.eval_prompts[: config.eval.max_prompts]
         if config.selection.beta > 0 and not has_log_ratio(adapter):
-            raise ValueError("selection.beta > 0 needs an adapter with log_ratio")
+            raise ConfigError("selection.beta > 0 needs an adapter with log_ratio")
         self.pool = ReplayPool(config, config.run.seed)
         self.guard = Guard(config, self._sample_scores)
         self._eval_samples: dict[int, dict] = {}  # stage -> per-sample eval scores (guard.watch reads them)
@@ -222,7 +234,13 @@ class RaftLoop:
         train_stats = {}
         if cfg.train.steps_per_stage > 0:
             with _timed(times, "finetune"), progress.phase(f"{label} fine-tune", total=cfg.train.steps_per_stage, unit="step"):
-                train_stats = self.adapter.finetune(train_set)
+                try:
+                    train_stats = self.adapter.finetune(train_set)
+                    if not math.isfinite(train_stats.get("loss", 0.0)):  # an adapter without the shared finetuner
+                        raise DivergedError(f"fine-tuning diverged: loss {train_stats['loss']}; likely train.lr "
+                                            f"({cfg.train.lr:g}) too high, or the precision")
+                except DivergedError as err:
+                    raise self._diverged(stage, err) from None
         self.pool.update(stage, chosen, chosen_rewards)
 
         # 6. Evaluate the updated model on the held-out prompts.
@@ -265,6 +283,17 @@ class RaftLoop:
                 self.on_record(record)
         self.log(format_stage_line(record, cfg.run.stages))
         return record
+
+    def _diverged(self, stage: int, err: DivergedError) -> DivergedError:
+        """Record the divergence in the stage's folder (the resume that fixes it may change the rate and
+        the precision, see ``run_dir.FIXES_DIVERGENCE``) and say where the run stands: nothing of this
+        stage is checkpointed, nothing exported."""
+        last = self.run_dir.last_stage()
+        if dist.is_main():
+            record = {"stage": stage, "last_good_stage": last, "error": str(err)}
+            atomic_write_text(self.run_dir.stage_dir(stage) / DIVERGED_FILE, json.dumps(record) + "\n")
+        kept = f"the last good checkpoint is stage {last}" if last else "no stage was finished"
+        return DivergedError(f"stage {stage}: {err}; {kept}, nothing exported: fix it and pass --resume")
 
     # -- phases ----------------------------------------------------------------------------
 

@@ -24,12 +24,14 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Any
 
+from raft_diffusion.core.errors import UserError
+
 KINDS = ("adapters", "rewards", "prompts")
 _REGISTERED: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 _BUILTIN: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
 
 
-class PluginError(LookupError):
+class PluginError(UserError, LookupError):
     """A name that is not registered, or a target that cannot be imported (one-line message)."""
 
 

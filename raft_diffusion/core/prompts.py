@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from raft_diffusion.core import plugins
+from raft_diffusion.core.errors import UserError
 
 # The paper's SD-1.5 experiment prompts with the ten CIFAR-10 class names.
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -18,7 +19,7 @@ wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat sna
 bee pig turkey fly llama camel bat gorilla hedgehog kangaroo""".split()
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt source that cannot be used (one-line message)."""
 
 
@@ -102,12 +103,12 @@ def load_prompts(cfg) -> tuple[list[str], list[str]]:
 
 
 def stage_prompts(prompts: list[str], n: int, seed: int, stage: int, shuffle: bool = True) -> list[str]:
-    """The ``n`` prompts of one stage: a pure function of (seed, stage), so a resumed run draws the same.
+    """The ``n`` prompts of stage ``stage`` (from 1): a pure function of (seed, stage), so a resumed run draws the same.
 
     Prompts are taken in epochs: each pass over the prompt list is a fresh seeded permutation
     (or the plain order without ``shuffle``), so every prompt is seen equally often.
     """
-    start = stage * n
+    start = (stage - 1) * n  # stages count from 1
     out = []
     for position in range(start, start + n):
         epoch, index = divmod(position, len(prompts))

@@ -13,8 +13,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from raft_diffusion.core.errors import UserError
 
-class RewardError(ValueError):
+
+class RewardError(UserError):
     """A reward could not be built or returned something unusable (one-line message)."""
 
 

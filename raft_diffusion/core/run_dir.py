@@ -18,11 +18,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from raft_diffusion.core.errors import UserError
+
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "state.json"
+DIVERGED_FILE = "diverged.json"  # in stages/NNNNNN/: that stage's fine-tuning diverged (not checkpointed)
+LOCK_FILE = "run.lock"  # held (flock) by the run using the folder; holds its process id
+CONFIG_CHANGES_FILE = "config_changes.jsonl"  # what each resume changed of the config (config.yaml is the first)
+
+# What a resumed run may change: its length (only up), its location, and what only affects logging and
+# the output. Everything else defines the results and is refused, sections added later included.
+RESUME_MAY_CHANGE = ("run.stages", "run.keep_checkpoints", "run.save_images", "run.grid_prompts", "run.cpu_threads",
+                     "run.output_dir", "run.name", "log.")
+# After a stage's fine-tuning diverged, the resume that fixes it may also change the rate and the precision.
+FIXES_DIVERGENCE = ("train.lr", "train.lr_schedule", "train.lr_min_ratio", "train.max_grad_norm", "train.mixed_precision",
+                    "train.adam_betas", "train.adam_eps", "train.weight_decay", "model.dtype")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """The run folder cannot be used as asked (one-line message)."""
 
 
@@ -87,9 +100,26 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
 
 
+def flatten(data: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are values."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._lock_fd: int | None = None
 
     config = property(lambda self: self.root / "config.yaml")
     metrics = property(lambda self: self.root / "metrics.jsonl")
@@ -98,6 +128,7 @@ class RunDir:
     final = property(lambda self: self.root / "final")
     tb = property(lambda self: self.root / "tb")
     report = property(lambda self: self.root / "report.html")
+    config_changes = property(lambda self: self.root / CONFIG_CHANGES_FILE)
 
     def stage_dir(self, stage: int) -> Path:
         path = self.stages / stage_name(stage)
@@ -141,6 +172,84 @@ class RunDir:
                     removed.append(child)
         return removed
 
+    # -- one run per folder -----------------------------------------------------------------
+
+    def lock(self, create: bool = True) -> None:
+        """Hold the folder for this process until :meth:`unlock` or its end, however it ends (the
+        OS drops a dead process's lock, which the next run takes over). A folder held by another
+        process is refused in one line naming it. ``create=False``: only a folder that exists."""
+        if self._lock_fd is not None or (not create and not self.root.is_dir()):
+            return
+        import fcntl  # POSIX, where the runs' libraries run
+
+        with os_errors_name(self.root, "cannot create run folder"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunDirError(f"{self.root} is in use by another run (process {holder or 'unknown'}); "
+                              f"wait for it to end, or give this run another run.name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the only descriptor releases the flock
+            self._lock_fd = None
+
+    # -- a resumed run is still one run -----------------------------------------------------
+
+    def _run_config(self) -> dict:
+        """The run's config as it stands: config.yaml with the changes resumes recorded since."""
+        import yaml
+
+        config = flatten(yaml.safe_load(self.config.read_text(encoding="utf-8")) or {})
+        if self.config_changes.exists():
+            for line in self.config_changes.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash: that resume did not start
+                config.update({key: new for key, (_, new) in record.get("changes", {}).items()})
+        return config
+
+    def resume_changes(self, config: dict) -> dict[str, list]:
+        """``{key: [run's value, new value]}`` for what a resume with ``config`` (a ``Config.to_dict()``)
+        changes; refuses, in one line naming the keys, changes to what defines the results."""
+        import yaml
+
+        if not self.config.is_file() or not self.has_progress():
+            return {}
+        old = self._run_config()
+        new = flatten(yaml.safe_load(yaml.safe_dump(config)))  # the types config.yaml holds
+        changes = {key: [old.get(key), new.get(key)] for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)}
+        allowed = RESUME_MAY_CHANGE
+        if (self.stages / stage_name(self.last_stage() + 1) / DIVERGED_FILE).is_file():
+            allowed += FIXES_DIVERGENCE
+        refused = [key for key in changes if not any(key == a or a.endswith(".") and key.startswith(a) for a in allowed)]
+        stages = changes.get("run.stages")
+        if stages and isinstance(stages[0], int) and isinstance(stages[1], int) and stages[1] < stages[0]:
+            refused.append("run.stages")
+        if refused:
+            listed = ", ".join(f"{key} ({_short(changes[key][0])} -> {_short(changes[key][1])})" for key in refused)
+            raise RunDirError(f"--resume: {self.root} was run with other settings that define its results: {listed}; "
+                              f"restore them, or start a new run (another run.name, or --overwrite); a resume may "
+                              f"raise run.stages and change run.keep_checkpoints, save_images, grid_prompts, cpu_threads, log.*")
+        return changes
+
+    def record_config_changes(self, changes: dict, after_stage: int) -> None:
+        """Append what this resume changed to config_changes.jsonl (config.yaml stays the run's first config)."""
+        if changes:
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "after_stage": after_stage, "changes": changes}
+            with open(self.config_changes, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
     # -- preparing a run --------------------------------------------------------------------
 
     def check_writable(self) -> None:
@@ -173,6 +282,7 @@ class RunDir:
                 # Nothing finished is destroyed: the old run is moved aside, not deleted.
                 aside = self.root.with_name(f"{self.root.name}.{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(self.root, aside)
+                self.unlock()  # the lock went with it (the caller locks the new folder)
                 print(f"moved the previous run to {aside}")
             self.root.mkdir(parents=True, exist_ok=True)
             if not resume:

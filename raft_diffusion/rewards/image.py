@@ -15,6 +15,7 @@ import torch
 
 from aesthetic.loading import as_pil_images, parse_dtype
 from raft_diffusion.assets import resolve
+from raft_diffusion.core.protocols import RewardError
 from raft_diffusion.hub import hub_reachable, local_files_only, no_hub_reason
 
 
@@ -35,7 +36,7 @@ class _ClipReward:
         # Bad arguments and missing demo assets fail when the reward is built, not mid-run.
         parse_dtype(dtype, device or "cpu")
         if int(batch_size) < 1:
-            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
+            raise RewardError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
         self.demo = clip == DEMO_CLIP
         if self.demo:  # the packaged folder: an open_clip model config (named for its file) and weights
             folder = resolve("demo:clip")

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -268,11 +269,20 @@ def load_lora(pipe, path: str) -> bool:
     for logger in loggers:
         logger.addFilter(no_keys)
     try:
-        # From the folder, not the state dict: the file's metadata carries lora_alpha.
-        pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="default")
+        # From the folder, not the state dict: the file's metadata carries lora_alpha. The layers
+        # diffusers drops come with a RuntimeWarning only; they are counted below instead.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="While injecting the PEFT adapters, an inconsistency")
+            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="default")
     finally:
         for logger in loggers:
             logger.removeFilter(no_keys)
+    expected = sum(1 for key in state_dict if not key.endswith(".alpha"))
+    loaded = sum(1 for component in ("unet", "transformer", "text_encoder", "text_encoder_2") if getattr(pipe, component, None) is not None
+                 for name, _ in getattr(pipe, component).named_parameters() if re.search(r"\.lora_[AB]\.default\.", name))
+    if loaded != expected:
+        raise LoraError(f"LoRA {path!r}: diffusers loaded {loaded} of its {expected} tensors (the file mixes key "
+                        f"namings, e.g. lora.down/lora.up with lora_A/lora_B): write it in one naming (peft's lora_A/lora_B)")
     return has_text_encoder
 
 
