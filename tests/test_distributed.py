@@ -38,13 +38,13 @@ def one_and_two_processes(tmp_path, common, one_batch, port):
     return tmp_path / "one" / "run", tmp_path / "two" / "run"
 
 
-def assert_same_run(one: Path, two: Path, weights_file: str, trained_key: str) -> None:
+def assert_same_run(one: Path, two: Path, weights_file: str, trained_key: str, atol: float = 1e-5) -> None:
     a, b = load_file(str(one / "final" / weights_file)), load_file(str(two / "final" / weights_file))
     assert a.keys() == b.keys()
     moved = max(float(v.abs().max()) for k, v in a.items() if trained_key in k)
     assert moved > 1e-3  # training did something, so equality below means something
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4)
     lines = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)}
     assert [r["stage"] for r in lines[two]] == [0, 1, 2]  # written once, by the main process
     for r1, r2 in zip(lines[one], lines[two]):
@@ -103,4 +103,6 @@ def test_flow_families_two_processes_equal_one(family, tmp_path):
         "prompts.eval_items=[a red square, a blue circle]",
     ]
     one, two = one_and_two_processes(tmp_path, common, one_batch=4, port=29535 if family == "sd3" else 29536)
-    assert_same_run(one, two, "pytorch_lora_weights.safetensors", "transformer.")
+    # The two processes' gradients are summed in another order than one process's: at this rate, the
+    # transformers' weights then differ in the fifth decimal.
+    assert_same_run(one, two, "pytorch_lora_weights.safetensors", "transformer.", atol=5e-5)

@@ -64,7 +64,7 @@ def test_loop_logs_parts_raw_and_normalised_and_each_held_out(tmp_path):
     """Summed raw, the 1000x part decides every choice (up); z-scored, the doubled part does (down)."""
     results = {}
     for mode in ("none", "stage"):
-        config = toy_config(tmp_path, run__name=mode, run__stages=2, guard__watch=["eval_reward_small"],
+        config = toy_config(tmp_path, run__name=mode, run__stages=2, guard__watch=["eval_reward_small"], guard__max_drop_se=100.0,
                             rewards=[{**PARTS[0], "normalize": mode}, {**PARTS[1], "normalize": mode}])
         run_dir = RunDir(f"{config.run.output_dir}/{config.run.name}")
         run_dir.prepare(resume=False, overwrite=False)
@@ -90,7 +90,7 @@ def test_loop_logs_parts_raw_and_normalised_and_each_held_out(tmp_path):
     assert rows["reward_big"]["kind"] == "proxy part" and rows["reward_big"]["paired"]
     assert "reward_big" not in over_optimisation(summary)  # a part falling is not an eval-only metric falling
     with pytest.raises(ConfigError, match=r"guard.watch: 'eval_reward_tiny' is not a held-out metric of this run \(logged: eval_reward, eval_reward_big, eval_reward_small\)"):
-        RaftLoop(toy_config(tmp_path, run__name="x", guard__watch=["eval_reward_tiny"], rewards=PARTS),
+        RaftLoop(toy_config(tmp_path, run__name="x", guard__watch=["eval_reward_tiny"], guard__max_drop_se=3.0, rewards=PARTS),
                  GaussianAdapter(), build_reward(PARTS), run_dir, log=lambda _m: None)
     rows0 = [line for line in (run_dir.stage_dir(0) / "eval_scores.jsonl").read_text().splitlines()]
     assert '"reward_big"' in rows0[0]

@@ -26,7 +26,7 @@ def demo_sd():
     return resolve("demo:sd")
 
 
-def make_adapter(model_path: str, **lora):
+def make_adapter(model_path: str, text_encoder: bool = False, **lora):
     from accelerate import Accelerator
 
     from raft_diffusion.adapters.diffusion import DiffusionAdapter
@@ -34,7 +34,8 @@ def make_adapter(model_path: str, **lora):
 
     config = from_dict({
         "model": {"pretrained": model_path, "lora": {"rank": 4, "alpha": 2.0, **lora}},
-        "sampling": {"steps": 3, "batch_size": 4, "guidance_scale": 2.0, "height": 32, "width": 32},
+        "diffusion": {"steps": 3, "guidance_scale": 2.0, "height": 32, "width": 32, "text_encoder_lora": text_encoder},
+        "sampling": {"batch_size": 4},
         "train": {"steps_per_stage": 2, "batch_size": 2, "lr": 1e-2},
     })
     return DiffusionAdapter(config, Accelerator(cpu=True))
@@ -79,7 +80,7 @@ def test_a_lora_diffusers_loads_only_in_part_is_refused_in_one_line(demo_sd, tmp
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import load_file, save_file
 
-    from raft_diffusion.adapters.diffusion_utils import LoraError, load_lora
+    from raft_diffusion.adapters.diffusion import LoraError, load_lora
 
     adapter = make_adapter(demo_sd, targets=DEMO_TARGETS)
     adapter.export(tmp_path / "lora")
@@ -102,7 +103,7 @@ def test_a_lora_diffusers_loads_only_in_part_is_refused_in_one_line(demo_sd, tmp
 
 @pytest.fixture(scope="module")
 def random_sd(tmp_path_factory):
-    from raft_diffusion.demo.random_sd import build_random_sd
+    from scripts.demo.random_sd import build_random_sd
 
     return str(build_random_sd(tmp_path_factory.mktemp("random_sd")))
 
@@ -187,7 +188,7 @@ def test_prompts_with_commas_are_never_split(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text('prompts:\n  items: "a cat, sitting on a mat"\n')
     assert items(path=yaml_file) == ["a cat, sitting on a mat"]
-    assert load_config(None, ["llm.stop=a, b"]).sampling.stop == ["a, b"]
+    assert load_config(None, ["model.kind=llm", "llm.stop=a, b"]).adapter.stop == ["a, b"]
     # names cannot hold a comma: the shorthand stays where it is safe
     assert load_config(None, ["model.lora.targets=to_q, to_v"]).model.lora.targets == ["to_q", "to_v"]
 
@@ -263,7 +264,7 @@ INTERNAL_VALUE_ERRORS = {
     "finetune": "no chosen candidates: the loop always chooses at least one",
     "log_ratio": "called without recorded trajectories: the loop calls it only with selection.beta > 0",
     "denoising_loss": "a tensor where a dict of conditioning is needed: a caller's mistake",
-    "_check_settings": "an Accelerator built with another grad_accum than the config's: the recipe builds it",
+    "_check_accelerator": "an Accelerator built with another grad_accum than the config's: the recipe builds it",
 }
 
 
@@ -276,7 +277,7 @@ def test_user_input_never_raises_a_bare_value_error():
 
     root = Path(cli.__file__).parent
     files = [*root.glob("adapters/**/*.py"), *root.glob("rewards/**/*.py"),
-             *(root / name for name in ("cli.py", "train.py", "sampling.py", "scoring.py"))]
+             *(root / name for name in ("cli.py", "recipe.py", "api.py", "sampling.py", "scoring.py"))]
     found = []
     for path in files:
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -293,13 +294,14 @@ def test_every_user_error_class_is_a_user_error():
     import aesthetic
     from aesthetic.loading import AestheticError
     from raft_diffusion import assets, deps, hub, sampling, scoring
-    from raft_diffusion.adapters import diffusion_utils, training
+    from raft_diffusion.adapters import training
+    from raft_diffusion.adapters.diffusion import loading as diffusion_loading
     from raft_diffusion.core import config, plugins, prompts, protocols, run_dir
     from raft_diffusion.core.errors import DivergedError, UserError
 
     for cls in (config.ConfigError, prompts.PromptError, run_dir.RunDirError, protocols.RewardError, plugins.PluginError,
-                sampling.SampleError, scoring.ScoreError, diffusion_utils.LoraError, diffusion_utils.UnsupportedModelError,
-                diffusion_utils.ModelNotFoundError, hub.ModelNotFoundError, assets.MissingAssetError, deps.DependencyError,
+                sampling.SampleError, scoring.ScoreError, diffusion_loading.LoraError,
+                diffusion_loading.UnsupportedModelError, diffusion_loading.ModelNotFoundError, hub.ModelNotFoundError, assets.MissingAssetError, deps.DependencyError,
                 training.CheckpointMismatchError, DivergedError):
         assert issubclass(cls, UserError), cls
     for cls in (aesthetic.WeightsNotFoundError, aesthetic.ClipConfigError, aesthetic.HeadError):

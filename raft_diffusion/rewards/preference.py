@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from aesthetic.loading import ClipConfigError, WeightsNotFoundError, as_pil_images, default_device, parse_dtype
 from raft_diffusion.assets import resolve
+from raft_diffusion.core.protocols import RewardError
 from raft_diffusion.hub import hub_reachable, local_files_only, no_hub_reason
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -112,7 +113,7 @@ class ModelReward:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_dtype(dtype, self.device)  # a bad dtype fails when the reward is built
         if int(batch_size) < 1:
-            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
+            raise RewardError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self._scorer = None
 
@@ -138,7 +139,7 @@ class ModelReward:
         images = [image.convert("RGB") for image in as_pil_images(outputs)]
         prompts = [prompts] * len(images) if isinstance(prompts, str) else [str(p) for p in prompts]
         if len(prompts) != len(images):
-            raise ValueError(f"{self.name} needs one prompt per image, got {len(prompts)} prompts for {len(images)} images")
+            raise RewardError(f"{self.name} needs one prompt per image, got {len(prompts)} prompts for {len(images)} images")
         scores = [self.score_batch(images[i : i + self.batch_size], prompts[i : i + self.batch_size]).float().cpu()
                   for i in range(0, len(images), self.batch_size)]
         return torch.cat(scores) if scores else torch.zeros(0)
@@ -209,7 +210,7 @@ class HPSv2Reward(ModelReward):
         super().__init__(batch_size, dtype, device)
         version = str(version) if str(version).startswith("v") else f"v{version}"
         if version not in HPS_FILES:
-            raise ValueError(f"hpsv2: version must be one of {', '.join(HPS_FILES)}, got {version!r}")
+            raise RewardError(f"hpsv2: version must be one of {', '.join(HPS_FILES)}, got {version!r}")
         self.version, self.clip, self.checkpoint = version, str(clip), checkpoint
 
     def build(self, local_only: bool):

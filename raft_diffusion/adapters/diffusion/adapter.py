@@ -68,11 +68,7 @@ class DiffusionAdapter:
         self.settings = config.adapter if isinstance(config.adapter, DiffusionSettings) else DiffusionSettings()
         m, t = config.model, config.train
         self.record = config.selection.beta > 0  # KL-shaped ranking: record trajectories for log_ratio
-        if accelerator.gradient_accumulation_steps != t.grad_accum:
-            raise ValueError(
-                f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
-                f"train.grad_accum is {t.grad_accum}"
-            )
+        self._check_accelerator()
         _check(m.lora.rank > 0, "model.lora.rank must be >= 1 for diffusion models")
         self._check_sampler()
 
@@ -123,6 +119,11 @@ class DiffusionAdapter:
         self.text_encoders_train = self.finetuner.models[1:]
         self._compiled_denoiser = None
         self._empty = self._negative = None
+
+    def _check_accelerator(self) -> None:
+        steps = self.accelerator.gradient_accumulation_steps
+        if steps != self.config.train.grad_accum:
+            raise ValueError(f"the Accelerator accumulates {steps} micro-batches, train.grad_accum is {self.config.train.grad_accum}")
 
     def _check_sampler(self) -> None:
         """Refuse, before anything loads, a KL-shaped ranking the named sampler cannot score."""
