@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="run RAFT stages (default config: the offline demo)")
-    train.add_argument("--config", "-c", help="YAML config (default: the packaged configs/demo.yaml, or configs/llm_demo.yaml with model.kind=llm)")
+    train.add_argument("--config", "-c", help="YAML config (default: the packaged configs/default.yaml, or configs/llm_demo.yaml with model.kind=llm)")
     train.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                        help="import a module that registers rewards or adapters before the config is read (repeatable)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. run.stages=3 sampling.k=8")

@@ -469,11 +469,11 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def default_config_path(overrides: list[str] = ()) -> Path:
-    """The packaged offline demo of the adapter the overrides name: ``configs/llm_demo.yaml`` for
+    """The packaged offline default of the adapter the overrides name: ``configs/llm_demo.yaml`` for
     ``model.kind=llm`` (the image demo's LoRA targets name no layer of a language model), else
-    ``configs/demo.yaml``."""
+    ``configs/default.yaml`` (the demo world with a recipe for any reward)."""
     kinds = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "model.kind"]
-    return PACKAGED_CONFIGS / ("llm_demo.yaml" if kinds and kinds[-1] == "llm" else "demo.yaml")
+    return PACKAGED_CONFIGS / ("llm_demo.yaml" if kinds and kinds[-1] == "llm" else "default.yaml")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, imports: list[str] = ()) -> Config:
