@@ -260,3 +260,22 @@ def test_the_real_configs_build_an_adapter_for_their_family(name, tiny_sd3, tiny
     adapted = {n.removesuffix(".lora_A").rsplit(".", 1)[-1] for n, _ in adapter.denoiser.named_modules() if n.endswith(".lora_A")}
     assert {"to_q", "add_q_proj"} <= adapted
     assert all(p.device.type == "cpu" for e in adapter.text_encoders for p in e.parameters())
+
+
+def test_sample_without_flags_is_the_stock_pipelines_image(tiny_sd3, tmp_path):
+    """`raft-diffusion sample` with no sampling flags: SD3's own defaults (28 steps, guidance 7, 256 T5
+    tokens, the folder's scheduler, the model's size), image j from seed --seed + j."""
+    from diffusers import StableDiffusion3Pipeline
+    from PIL import Image
+
+    from raft_diffusion import sampling
+
+    args = sampling.build_parser(argparse.ArgumentParser()).parse_args(
+        ["--model", tiny_sd3, "--prompt", "a cat", "--n", "1", "--seed", "7", "--device", "cpu", "--out", str(tmp_path)])
+    assert sampling.run(args) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe("a cat", generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    ours = np.asarray(Image.open(tmp_path / "000_seed7.png").convert("RGB"), dtype=np.int16)
+    assert ours.shape == (16, 16, 3)
+    assert np.abs(np.round(stock * 255).astype(np.int16) - ours).max() <= 1
