@@ -13,11 +13,14 @@ are 4x8x8 (SD3) and 4x8x8 unpacked into 16 tokens of 16 (FLUX), images 16x16.
 from __future__ import annotations
 
 import string
+import sys
 from pathlib import Path
 
 import torch
 
-from scripts.demo.random_sd import write_char_clip_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a checkout
+
+from scripts.demo.random_sd import write_char_clip_tokenizer  # noqa: E402
 
 # Tiny sizes, and the published configs of the real models' components.
 TINY = {"t5": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8),

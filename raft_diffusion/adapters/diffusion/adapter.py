@@ -283,10 +283,12 @@ class DiffusionAdapter:
     def generate(self, prompts: list[str], k: int, seeds: list[int]) -> list[Candidate]:
         """K candidates per prompt, candidate ``i`` drawn from ``seeds[i]`` alone.
 
-        Payload: ``latents`` [C, h, w] float32 (the final, scaled latents the UNet is trained on) and
-        ``prompt_embeds`` [77, D] (or ``input_ids`` [77] when the text encoders have a LoRA: training
-        re-encodes them); SDXL adds ``pooled_prompt_embeds`` [D2] (or ``input_ids_2`` [77]) and
-        ``add_time_ids`` [6]; with ``selection.beta > 0`` also ``trajectory`` [steps + 1, C, h, w]
+        Payload: ``latents`` [C, h, w] float32 (the final, scaled latents the denoiser is trained on, in
+        the VAE's layout for every family) and the prompt's conditioning under the family's keys, one
+        tensor shared by the prompt's K candidates: ``prompt_embeds`` [tokens, D] (or ``input_ids``
+        [77] when the text encoders have a LoRA: training re-encodes them); SDXL, SD3 and FLUX add
+        ``pooled_prompt_embeds`` [D2] (SDXL: or ``input_ids_2`` [77]), SDXL ``add_time_ids`` [6];
+        with ``selection.beta > 0`` also ``trajectory`` [steps + 1, C, h, w]
         float32 (x_T ... x_0) and ``log_prob`` (float64, the trajectory's log-density under the
         sampling model, up to a model-independent constant). All on the CPU.
         """
