@@ -521,7 +521,8 @@ def main() -> None:
         results["flow"].append(r)
         rows.append(f"{family} {r['resolution']}px ({size}): sampling stock {r['stock_img_s']:.2f} img/s, ours {r['ours_img_s']:.2f} img/s, "
                     f"ratio {r['sampling_ratio']:.2f}; fine-tune batch {r['train_batch']} reference {r['reference_samples_s']:.1f} "
-                    f"samples/s, ours {r['ours_samples_s']:.1f} samples/s, ratio {r['train_ratio']:.2f}; peak {r['peak_gib']:.1f} GiB")
+                    f"samples/s, ours {r['ours_samples_s']:.1f} samples/s, ratio {r['train_ratio']:.2f}"
+                    + (f"; peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] == r["peak_gib"] else ""))
         print(rows[-1], flush=True)
     if results["flow"]:
         results["flow_sampling_ratio_vs_pipeline"] = min(r["sampling_ratio"] for r in results["flow"])
