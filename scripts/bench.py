@@ -194,7 +194,7 @@ def bench_sampling(args, pipe_dir: str, resolution: int, compile_: bool, reps: i
         "peak_gib": peak_gib(args.device),
     }
     latent_side = resolution // adapter.pipe.vae_scale_factor
-    gflop = unet_gflop(adapter.unet, latent_side, args.device, adapter.dtype)
+    gflop = unet_gflop(adapter.denoiser, latent_side, args.device, adapter.dtype)
     passes = args.steps * (2 if args.guidance > 1 else 1)
     result["unet_gflop_per_image"] = gflop
     result["ours_tflop_s"] = gflop * passes * result["ours_img_s"] / 1e3

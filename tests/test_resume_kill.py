@@ -173,3 +173,29 @@ def test_llm_kill_and_resume_equals_uninterrupted(point, tiny_lm, tmp_path):
     assert weights.keys() == ref_weights.keys()
     assert all((weights[key] == ref_weights[key]).all() for key in weights)
     assert metrics == ref_metrics and all("train_loss" in m for m in metrics if m["stage"] > 0)
+
+
+def test_flux_kill_and_resume_equals_uninterrupted(tmp_path):
+    """A flow-matching family through the same run folder: killed while scoring stage 2, resumed, equal."""
+    from scripts.demo.random_flow import build_flux
+
+    flux = build_flux(tmp_path / "flux")
+    (tmp_path / "flow.yaml").write_text("model:\n  kind: diffusion\n")  # the defaults, not the demo's recipe
+
+    def flux_command(out: Path, *extra: str) -> list[str]:
+        cmd = command(flux, out, "diffusion.height=16", "diffusion.width=16", "diffusion.max_sequence_length=16",
+                      "diffusion.guidance_scale=3.5", "train.lr=2e-3", *extra)
+        return [*cmd[:4], "--config", str(tmp_path / "flow.yaml"), *cmd[4:]]
+
+    subprocess.run(flux_command(tmp_path / "ref"), env=environment(tmp_path / "ref_markers"), cwd=ROOT, check=True, capture_output=True)
+    ref_weights, ref_metrics = final_state(tmp_path / "ref" / "kill")
+    markers = tmp_path / "markers"
+    env = environment(markers)
+    code = run_until(flux_command(tmp_path), env, lambda: (markers / "score-003").exists())
+    assert code == -signal.SIGKILL
+    done = subprocess.run(flux_command(tmp_path, "--resume"), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    weights, metrics = final_state(tmp_path / "kill")
+    assert weights.keys() == ref_weights.keys() and any(k.startswith("transformer.") for k in weights)
+    assert all((weights[k] == ref_weights[k]).all() for k in weights)
+    assert metrics == ref_metrics
