@@ -14,7 +14,7 @@ from raft_diffusion.core.guard import check_guard
 from raft_diffusion.core.loop import RaftLoop
 from raft_diffusion.core.prompts import load_prompts
 from raft_diffusion.core.run_dir import RunDir, os_errors_name
-from raft_diffusion.rewards import RewardError, WeightedReward, build_reward
+from raft_diffusion.rewards import RewardError, WeightedReward, build_reward, load_models
 
 
 def resolve_device(name: str) -> str:
@@ -72,17 +72,11 @@ def load_reward_models(reward: WeightedReward, key: str) -> None:
     Weights that are not on this machine end the run in one line that says which overrides point
     the part at local files: ``rewards.0.args.pretrained=/path/...`` for ``key="rewards"``.
     """
-    for i, (label, _, part) in enumerate(reward.parts):
-        if not callable(getattr(part, "load", None)):
-            continue
-        try:
-            part.load()
-        except FileNotFoundError as err:
-            fix = getattr(err, "fix", None)  # aesthetic.WeightsNotFoundError: the arguments that load local files
-            if fix is None:
-                raise
-            overrides = " ".join(f"{key}.{i}.args.{name}={value}" for name, value in fix.items())
-            raise RewardError(f"{key}.{i} ({label}): {err.problem}; pass local files: {overrides}") from None
+    def missing(i, label, err, fix):
+        overrides = " ".join(f"{key}.{i}.args.{name}={value}" for name, value in fix.items())
+        return RewardError(f"{key}.{i} ({label}): {err.problem}; pass local files: {overrides}")
+
+    load_models(reward, missing)
 
 
 def train(config: Config, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunDir:

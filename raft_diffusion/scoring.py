@@ -122,19 +122,15 @@ def _spec(reward: str, args: dict) -> dict:
 def load_models(reward, reward_args: dict) -> None:
     """Load each reward model now, before any image is read; weights that are not on this machine
     end the command in one line that says which ``--reward-args`` load local files instead."""
-    for label, _, part in reward.parts:
-        if not callable(getattr(part, "load", None)):
-            continue
-        try:
-            part.load()
-        except FileNotFoundError as err:
-            fix = getattr(err, "fix", None)  # aesthetic.WeightsNotFoundError: the arguments that load local files
-            if fix is None:
-                raise
-            local = json.dumps({**reward_args, **fix})
-            demo = json.dumps({**{k: v for k, v in reward_args.items() if k != "pretrained"}, "clip": "demo"})
-            hint = f" (images of the packaged demo model: --reward-args '{demo}')" if label in DEMO_CLIP_REWARDS else ""
-            raise ScoreError(f"reward {label}: {err.problem}; pass local files: --reward-args '{local}'{hint}") from None
+    from raft_diffusion.rewards import load_models as load_reward_models
+
+    def missing(_i, label, err, fix):
+        local = json.dumps({**reward_args, **fix})
+        demo = json.dumps({**{k: v for k, v in reward_args.items() if k != "pretrained"}, "clip": "demo"})
+        hint = f" (images of the packaged demo model: --reward-args '{demo}')" if label in DEMO_CLIP_REWARDS else ""
+        return ScoreError(f"reward {label}: {err.problem}; pass local files: --reward-args '{local}'{hint}")
+
+    load_reward_models(reward, missing)
 
 
 def _write(rows: list[tuple[str, float, str]], out: str | None) -> None:

@@ -7,6 +7,7 @@ from raft_diffusion.rewards.registry import (
     WeightedReward,
     available_rewards,
     build_reward,
+    load_models,
     register_reward,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "WeightedReward",
     "available_rewards",
     "build_reward",
+    "load_models",
     "register_reward",
 ]

@@ -149,3 +149,22 @@ def build_reward(specs: list[dict], device: str | None = None, dtype: str | None
         if spec.get("normalize", "none") not in ("none", False, None):
             normalize[label] = spec["normalize"]
     return WeightedReward(parts, normalize=normalize)
+
+
+def load_models(reward: WeightedReward, missing: Callable[[int, str, FileNotFoundError, dict], Exception]) -> None:
+    """Load the model of each part of ``reward`` that has one (``part.load()``), now, before any sample.
+
+    Weights that are not on this machine raise what ``missing(index, label, err, fix)`` returns: one
+    line naming ``fix``, the arguments that load local files instead (``aesthetic.WeightsNotFoundError``
+    and the preference rewards carry them); the command line and the recipe spell them their own way.
+    """
+    for i, (label, _, part) in enumerate(reward.parts):
+        if not callable(getattr(part, "load", None)):
+            continue
+        try:
+            part.load()
+        except FileNotFoundError as err:
+            fix = getattr(err, "fix", None)
+            if fix is None:
+                raise
+            raise missing(i, label, err, fix) from None

@@ -77,7 +77,7 @@ class DiffusionAdapter:
         self.dtype = resolve_dtype(m.dtype, self.device)
         self.pipe, self.family = load_pipeline(m, self.settings, self.dtype)
         self.scheduler = self.pipe.scheduler
-        self.is_ddim, self.is_ddpm = (type(self.scheduler).__name__ == name for name in ("DDIMScheduler", "DDPMScheduler"))
+        self.is_ddim, self.is_ddpm = (isinstance(self.scheduler, cls) for cls in _ddim_ddpm())
         self._check_family()
         self.denoiser, self.vae, self.text_encoders = self.family.denoiser, self.pipe.vae, self.family.text_encoders
         for module in (self.denoiser, self.vae, *self.text_encoders):
@@ -127,8 +127,7 @@ class DiffusionAdapter:
 
     def _check_sampler(self) -> None:
         """Refuse, before anything loads, a KL-shaped ranking the named sampler cannot score."""
-        from diffusers import DDIMScheduler, DDPMScheduler
-
+        DDIMScheduler, DDPMScheduler = _ddim_ddpm()
         s = self.settings
         if not self.record or s.scheduler in (None, PRETRAINED_SCHEDULER) and s.eta > 0:
             return
@@ -140,8 +139,7 @@ class DiffusionAdapter:
 
     def _check_family(self) -> None:
         """Refuse, in one line naming the family, settings that mean nothing for the loaded model."""
-        from diffusers import DDIMScheduler, DDPMScheduler
-
+        DDIMScheduler, DDPMScheduler = _ddim_ddpm()
         f, s = self.family, self.settings
         what = f"a {f.name} model"
         other = "flow" if f.objective == "ddpm" else "ddpm"
@@ -662,6 +660,13 @@ class DiffusionAdapter:
                 kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
                 kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
             type(self.pipe).save_lora_weights(str(path), **kwargs)
+
+
+def _ddim_ddpm() -> tuple[type, type]:
+    """The two samplers whose Gaussian transitions log_ratio scores (diffusers imported on first use)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    return DDIMScheduler, DDPMScheduler
 
 
 def _check(ok: bool, message: str) -> None:
