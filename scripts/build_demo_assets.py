@@ -1,7 +1,8 @@
 """Build the demo world's models into raft_diffusion/assets/demo/ (deterministic, CPU).
 
-    python scripts/build_demo_assets.py                 # everything (image + text)
+    python scripts/build_demo_assets.py                 # everything (image, flow, text)
     python scripts/build_demo_assets.py --only image    # tiny SD, tiny CLIP, aesthetic head
+    python scripts/build_demo_assets.py --only flow     # tiny SD3, on the tiny SD's VAE and text encoder
     python scripts/build_demo_assets.py --quick --out /tmp/demo   # seconds-long smoke build
 
 Each half is built in a temporary folder next to the target and renamed into place only when
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raft_diffusion.assets import DEMO_DIR  # noqa: E402
 
 IMAGE_ASSETS = ("sd", "clip", "aesthetic_head.pth")
+FLOW_ASSETS = ("sd3",)
 
 
 def _install(tmp: Path, out: Path, names) -> None:
@@ -104,6 +106,34 @@ def build_image(out: Path, quick: bool, seed: int, threads: int | None, reuse_sd
     print(f"image assets written to {out} in {entry['wall_seconds']} s")
 
 
+def build_flow(out: Path, quick: bool, seed: int, threads: int | None) -> None:
+    from scripts.demo.build_flow import FlowBuildConfig, build_flow_assets
+
+    if not (out / "sd" / "model_index.json").is_file():
+        raise SystemExit(f"{out / 'sd'}: no tiny SD to build the flow model on; build the image half first (--only image)")
+    cfg = FlowBuildConfig.quick(seed) if quick else FlowBuildConfig(seed=seed)
+    if threads:
+        cfg.threads = threads
+    tmp = out / f".build-flow-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.time()
+    figures = build_flow_assets(tmp, out / "sd", cfg)
+    _install(tmp, out, FLOW_ASSETS)
+    shutil.rmtree(tmp, ignore_errors=True)
+    image = json.loads((out / "manifest.json").read_text()).get("image", {}) if (out / "manifest.json").is_file() else {}
+    entry = {
+        **_build_command(),
+        "seed": seed, "quick": quick, "wall_seconds": round(time.time() - start, 1),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {cfg.threads}",
+        "size_mb": {name: _folder_mb(out / name) for name in FLOW_ASSETS},
+        "built_on": {"sd": {"commit": image.get("commit"), "built_at": image.get("built_at")}},
+        **figures,
+    }
+    _write_manifest(out, "flow", entry)
+    print(f"flow assets written to {out} in {entry['wall_seconds']} s")
+
+
 def build_text(out: Path, quick: bool, seed: int) -> None:
     from scripts.demo.build_text import build_text_assets
 
@@ -117,11 +147,11 @@ def build_text(out: Path, quick: bool, seed: int) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("image", "text"), help="build one half only")
+    parser.add_argument("--only", choices=("image", "flow", "text"), help="build one part only")
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help=f"output folder (default {DEMO_DIR})")
     parser.add_argument("--quick", action="store_true", help="tiny models, seconds of training (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the image build (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the image and flow builds (default 1)")
     parser.add_argument("--reuse-sd", type=Path, default=None,
                         help="copy this tiny-SD pipeline folder (built with the same config) instead of training one")
     parser.add_argument("--reuse-clip", type=Path, default=None,
@@ -130,6 +160,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "image"):
         build_image(args.out, args.quick, args.seed, args.threads, args.reuse_sd, args.reuse_clip)
+    if args.only in (None, "flow"):
+        build_flow(args.out, args.quick, args.seed, args.threads)
     if args.only in (None, "text"):
         build_text(args.out, args.quick, args.seed)
     print(f"{args.out}: {_folder_mb(args.out)} MB")

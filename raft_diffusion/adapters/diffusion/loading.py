@@ -112,7 +112,8 @@ def load_pipeline(model, settings, dtype: torch.dtype = torch.float32) -> tuple[
         raise ModelNotFoundError(
             f"model.pretrained={model.pretrained!r}: {folder} is not a diffusers pipeline folder (no model_index.json)"
         )
-    class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    model_index = json.loads(index.read_text(encoding="utf-8"))
+    class_name = model_index.get("_class_name")
     family = family_for(class_name)
     if family is None:
         raise UnsupportedModelError(
@@ -127,6 +128,10 @@ def load_pipeline(model, settings, dtype: torch.dtype = torch.float32) -> tuple[
             "with its folder's own (leave diffusion.scheduler unset) or a FlowMatch* diffusers class"
         )
     kwargs = {dtype_keyword(): dtype, "revision": model.revision, "variant": model.variant}
+    # A component the folder saved as [null, null] (an SD3 folder without T5) is passed as None:
+    # diffusers' from_pretrained refuses such a folder otherwise.
+    kwargs.update({name: None for name, value in model_index.items()
+                   if not name.startswith("_") and value in ([None, None], (None, None))})
     if class_name == "StableDiffusionPipeline":
         if not settings.safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
