@@ -43,7 +43,7 @@ class FlowBuildConfig:
     # training
     steps: int = 2400
     batch: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 100
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
