@@ -15,7 +15,7 @@ The functions take their sizes from :class:`FlowBuildConfig`, so tests run the w
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +45,10 @@ class FlowBuildConfig:
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 100
+    # A second run of the same training from the first run's EMA weights (fresh optimizer and
+    # schedule), as the tiny SD's build does: shapes are learnt late, colours early.
+    refine_steps: int = 1600
+    refine_lr: float = 2e-3
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     logit_mean: float = 0.0  # logit-normal noise levels, SD3's default
@@ -60,7 +64,12 @@ class FlowBuildConfig:
     def quick(cls, seed: int = 0) -> "FlowBuildConfig":
         """A smoke-test build: same code paths, a transformer of one block, seconds of training."""
         return cls(seed=seed, n_scenes=256, layers=1, heads=2, head_dim=8, steps=3, batch=8, warmup=1,
-                   sample_steps=2, eval_samples=8, curve_every=2)
+                   refine_steps=3, sample_steps=2, eval_samples=8, curve_every=2)
+
+    def refine(self) -> "FlowBuildConfig":
+        """The settings of the second phase."""
+        return replace(self, seed=self.seed + 100, steps=self.refine_steps, lr=self.refine_lr,
+                       warmup=min(50, self.refine_steps))
 
 
 def make_scheduler(cfg: FlowBuildConfig):
@@ -232,19 +241,25 @@ def build_flow_assets(out_dir: str | Path, sd_dir: str | Path, cfg: FlowBuildCon
     figures["transformer_parameters"] = sum(p.numel() for p in pipe.transformer.parameters())
     curve = []
 
-    def record_curve(step, pipe, ema):
-        if cfg.curve_every and (step + 1) % cfg.curve_every == 0 and step + 1 < cfg.steps:
-            trained = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-            ema.copy_to(pipe.transformer)
-            pipe.transformer.eval()
-            point = evaluate(pipe, cfg, n=48)
-            curve.append({"step": step + 1, "alignment": point["sd3_eval_alignment"]["both"],
-                          "gold": point["sd3_eval_gold"]["mean"]})
-            log(f"EMA at step {step + 1}: {curve[-1]}")
-            pipe.transformer.load_state_dict(trained)
-            pipe.transformer.train()
+    def curve_recorder(phase: FlowBuildConfig, offset: int):
+        def record(step, pipe, ema):
+            if cfg.curve_every and (step + 1) % cfg.curve_every == 0 and step + 1 < phase.steps:
+                trained = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+                ema.copy_to(pipe.transformer)
+                pipe.transformer.eval()
+                point = evaluate(pipe, cfg, n=48)
+                curve.append({"step": offset + step + 1, "alignment": point["sd3_eval_alignment"]["both"],
+                              "gold": point["sd3_eval_gold"]["mean"]})
+                log(f"EMA at step {offset + step + 1}: {curve[-1]}")
+                pipe.transformer.load_state_dict(trained)
+                pipe.transformer.train()
+        return record
 
-    figures.update(train_transformer(pipe, mean, std, prompt_index, prompts, cfg, log, callback=record_curve))
+    figures.update(train_transformer(pipe, mean, std, prompt_index, prompts, cfg, log, callback=curve_recorder(cfg, 0)))
+    if cfg.refine_steps:
+        stats = train_transformer(pipe, mean, std, prompt_index, prompts, cfg.refine(), lambda msg: log("refine " + msg),
+                                  callback=curve_recorder(cfg.refine(), cfg.steps))
+        figures.update(transformer_refine_loss=stats["transformer_loss"], transformer_refine_steps=stats["transformer_steps"])
     figures["curve_48_held_out"] = curve
     timings["transformer"] = round(time.time() - start, 1)
     pipe.save_pretrained(str(out_dir / "sd3"), safe_serialization=True)
