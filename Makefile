@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 VENV_MIN := .venv-min
 PY_MIN := $(VENV_MIN)/bin/python
 
-.PHONY: demo test test-min assets bench clean
+.PHONY: demo demo-flow test test-min assets bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/raft-diffusion train --config configs/demo.yaml --overwrite
+
+demo-flow: $(VENV)/.installed
+	$(VENV)/bin/raft-diffusion train --config configs/demo_flow.yaml --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto  # one worker per core (pytest-xdist)
