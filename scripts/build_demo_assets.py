@@ -75,6 +75,20 @@ def _folder_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2)
 
 
+def _entry(out: Path, names, seed: int, quick: bool, start: float, threads: int, figures: dict, **extra) -> dict:
+    """A manifest section: the command, when and where it ran, the assets' sizes, what the build measured."""
+    return {
+        **_build_command(),
+        "seed": seed, "quick": quick, "wall_seconds": round(time.time() - start, 1),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {threads}",
+        "size_mb": {name: _folder_mb(out / name) if (out / name).is_dir() else round((out / name).stat().st_size / 2**20, 2)
+                    for name in names},
+        **extra,
+        **figures,
+    }
+
+
 def build_image(out: Path, quick: bool, seed: int, threads: int | None, reuse_sd: Path | None = None,
                 reuse_clip: Path | None = None) -> None:
     from scripts.demo.build_image import ImageBuildConfig, build_image_assets
@@ -93,15 +107,7 @@ def build_image(out: Path, quick: bool, seed: int, threads: int | None, reuse_sd
     figures = build_image_assets(tmp, cfg, reuse_sd=reuse_sd, reuse_clip=reuse_clip)
     _install(tmp, out, IMAGE_ASSETS)
     shutil.rmtree(tmp, ignore_errors=True)
-    entry = {
-        **_build_command(),
-        "seed": seed, "quick": quick, "wall_seconds": round(time.time() - start, 1),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {cfg.threads}",
-        "size_mb": {name: _folder_mb(out / name) if (out / name).is_dir() else round((out / name).stat().st_size / 2**20, 2)
-                    for name in IMAGE_ASSETS},
-        **figures,
-    }
+    entry = _entry(out, IMAGE_ASSETS, seed, quick, start, cfg.threads, figures)
     _write_manifest(out, "image", entry)
     print(f"image assets written to {out} in {entry['wall_seconds']} s")
 
@@ -121,15 +127,8 @@ def build_flow(out: Path, quick: bool, seed: int, threads: int | None) -> None:
     _install(tmp, out, FLOW_ASSETS)
     shutil.rmtree(tmp, ignore_errors=True)
     image = json.loads((out / "manifest.json").read_text()).get("image", {}) if (out / "manifest.json").is_file() else {}
-    entry = {
-        **_build_command(),
-        "seed": seed, "quick": quick, "wall_seconds": round(time.time() - start, 1),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {cfg.threads}",
-        "size_mb": {name: _folder_mb(out / name) for name in FLOW_ASSETS},
-        "built_on": {"sd": {"commit": image.get("commit"), "built_at": image.get("built_at")}},
-        **figures,
-    }
+    entry = _entry(out, FLOW_ASSETS, seed, quick, start, cfg.threads, figures,
+                   built_on={"sd": {"commit": image.get("commit"), "built_at": image.get("built_at")}})
     _write_manifest(out, "flow", entry)
     print(f"flow assets written to {out} in {entry['wall_seconds']} s")
 

@@ -107,13 +107,14 @@ def clip_with_projection(text_encoder_dir: Path):
     return model.eval()
 
 
-def make_pipeline(sd_dir: Path, cfg: FlowBuildConfig, latent_size: int):
+def make_pipeline(sd_dir: Path, cfg: FlowBuildConfig):
     """A ``StableDiffusion3Pipeline`` of the tiny SD's VAE, tokenizer and text encoder, and a new transformer."""
     from diffusers import AutoencoderKL, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer
 
-    vae = AutoencoderKL.from_pretrained(str(sd_dir / "vae"))
+    vae = AutoencoderKL.from_pretrained(str(sd_dir / "vae")).eval()
     vae.register_to_config(shift_factor=0.0)
+    latent_size = world.SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
     tokenizer = CLIPTokenizer.from_pretrained(str(sd_dir / "tokenizer"), model_max_length=cfg.clip_tokens)
     text_encoder = clip_with_projection(sd_dir / "text_encoder")
     text_encoder_2 = clip_with_projection(sd_dir / "text_encoder")
@@ -227,17 +228,11 @@ def build_flow_assets(out_dir: str | Path, sd_dir: str | Path, cfg: FlowBuildCon
     prompts = world.all_prompts()
     prompt_of = {p: i for i, p in enumerate(prompts)}
     prompt_index = torch.tensor([prompt_of[world.caption(s)] for s in scenes])
-    pipe = None
-    pixels = images_to_tensor(world.render_many(scenes))
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(sd_dir / "vae")).eval()
-    mean, std = encode_latents(vae, pixels)
-    del pixels
+    pipe = make_pipeline(sd_dir, cfg)
+    mean, std = encode_latents(pipe.vae, images_to_tensor(world.render_many(scenes)))
     timings["latents"] = round(time.time() - start, 1)
 
     start = time.time()
-    pipe = make_pipeline(sd_dir, cfg, mean.shape[-1])
     figures["transformer_parameters"] = sum(p.numel() for p in pipe.transformer.parameters())
     curve = []
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 ATTENTION_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # as in diffusers' LoRA scripts
+# An MMDiT's attention of both streams: the image's and the prompt's context branch.
+MMDIT_LORA_TARGETS = ATTENTION_LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -104,3 +106,16 @@ class Family:
         """The denoiser's output for latents ``x`` [B, C, h, w] at scheduler timestep ``t`` (a scalar or
         [B]), conditioned on ``cond`` (batched, in the model dtype)."""
         raise NotImplementedError
+
+
+class FlowTransformerFamily(Family):
+    """What SD3 and FLUX.1 share: a transformer trained with rectified flow, sampled with the folder's
+    own flow-matching scheduler, conditioned on per-token and pooled prompt embeddings, with a T5."""
+
+    objective = "flow"
+    denoiser_name = "transformer"
+    lora_targets = MMDIT_LORA_TARGETS
+    embed_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    default_steps = 28
+    default_scheduler = None
+    uses_t5 = True

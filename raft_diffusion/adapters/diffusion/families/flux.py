@@ -8,22 +8,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raft_diffusion.adapters.diffusion.families.base import ATTENTION_LORA_TARGETS, Family
-from raft_diffusion.adapters.diffusion.families.sd3 import CONTEXT_LORA_TARGETS
+from raft_diffusion.adapters.diffusion.families.base import FlowTransformerFamily
 
 
-class FluxFamily(Family):
+class FluxFamily(FlowTransformerFamily):
     name = "FLUX.1"
     pipelines = ("FluxPipeline",)
-    objective = "flow"
-    denoiser_name = "transformer"
-    lora_targets = ATTENTION_LORA_TARGETS + CONTEXT_LORA_TARGETS
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    embed_keys = ("prompt_embeds", "pooled_prompt_embeds")
-    default_steps = 28
     default_guidance = 3.5
-    default_scheduler = None
-    uses_t5 = True
     classifier_free_guidance = False
 
     @property

@@ -4,24 +4,14 @@ their pooled embeddings; rectified-flow objective, classifier-free guidance."""
 
 from __future__ import annotations
 
-from raft_diffusion.adapters.diffusion.families.base import ATTENTION_LORA_TARGETS, Family
-
-# The attention projections of both streams: the image's and the prompt's context branch.
-CONTEXT_LORA_TARGETS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+from raft_diffusion.adapters.diffusion.families.base import FlowTransformerFamily
 
 
-class StableDiffusion3Family(Family):
+class StableDiffusion3Family(FlowTransformerFamily):
     name = "Stable Diffusion 3"
     pipelines = ("StableDiffusion3Pipeline",)
-    objective = "flow"
-    denoiser_name = "transformer"
-    lora_targets = ATTENTION_LORA_TARGETS + CONTEXT_LORA_TARGETS
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-    embed_keys = ("prompt_embeds", "pooled_prompt_embeds")
-    default_steps = 28
     default_guidance = 7.0
-    default_scheduler = None
-    uses_t5 = True
 
     def encode(self, prompts, device, settings):
         """``encode_prompt``: ``prompt_embeds`` [P, 77 + T5 tokens, D] and ``pooled_prompt_embeds`` [P, D2]."""
