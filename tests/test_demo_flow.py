@@ -24,8 +24,9 @@ def test_quick_flow_build_is_a_stock_sd3_folder_on_the_tiny_sds_parts(tmp_path):
     cfg = FlowBuildConfig.quick()
     figures = build_flow_assets(tmp_path, tmp_path / "sd", cfg, log=lambda msg: None)
     assert figures["transformer_steps"] == cfg.steps and np.isfinite(figures["transformer_loss"])
-    assert [point["step"] for point in figures["curve_48_held_out"]] == [2, 5]
-    assert 0 <= figures["sd3_eval_alignment"]["both"] <= 1 and 1 <= figures["sd3_eval_gold"]["mean"] <= 10
+    assert [point["step"] for point in figures["curve_48_val"]] == [2, 5]
+    for split in ("val", "eval"):
+        assert 0 <= figures[f"sd3_{split}_alignment"]["both"] <= 1 and 1 <= figures[f"sd3_{split}_gold"]["mean"] <= 10
 
     # How SD3 users load a folder without T5.
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3", text_encoder_3=None, tokenizer_3=None)

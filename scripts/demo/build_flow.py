@@ -47,7 +47,7 @@ class FlowBuildConfig:
     warmup: int = 100
     # A second run of the same training from the first run's EMA weights (fresh optimizer and
     # schedule), as the tiny SD's build does: shapes are learnt late, colours early.
-    refine_steps: int = 1600
+    refine_steps: int = 3200
     refine_lr: float = 2e-3
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
@@ -58,7 +58,7 @@ class FlowBuildConfig:
     sample_steps: int = 15
     guidance: float = 5.0
     eval_samples: int = 240
-    curve_every: int = 400  # the EMA weights' held-out alignment and gold on 48 samples, into the manifest
+    curve_every: int = 400  # the EMA weights' validation alignment and gold on 48 samples, into the manifest
 
     @classmethod
     def quick(cls, seed: int = 0) -> "FlowBuildConfig":
@@ -202,16 +202,17 @@ def sample_images(pipe, prompts: list[str], seed: int, cfg: FlowBuildConfig, bat
     return images
 
 
-def evaluate(pipe, cfg: FlowBuildConfig, n: int | None = None) -> dict:
-    """Gold alignment and gold aesthetic of samples on held-out prompts (the tiny SD's figures' prompts and seeds)."""
-    eval_list = world.eval_prompts()
-    prompts = [eval_list[i % len(eval_list)] for i in range(n or cfg.eval_samples)]
+def evaluate(pipe, cfg: FlowBuildConfig, n: int | None = None, split: str = "eval") -> dict:
+    """Gold alignment and gold aesthetic of samples on the held-out prompts (``split`` "eval": the tiny
+    SD's figures' prompts and seeds) or on the validation prompts ("val": what build choices are made on)."""
+    prompt_list = {"eval": world.eval_prompts, "val": world.val_prompts}[split]()
+    prompts = [prompt_list[i % len(prompt_list)] for i in range(n or cfg.eval_samples)]
     start = time.time()
     images = sample_images(pipe, prompts, cfg.seed + 10_000, cfg)
     gold = world.gold_aesthetic(images)
     return {"sample_seconds_per_image": round((time.time() - start) / len(images), 4),
-            "sd3_eval_alignment": _alignment_figures(images, prompts),
-            "sd3_eval_gold": {"mean": round(float(gold.mean()), 3), "std": round(float(gold.std()), 3)}}
+            f"sd3_{split}_alignment": _alignment_figures(images, prompts),
+            f"sd3_{split}_gold": {"mean": round(float(gold.mean()), 3), "std": round(float(gold.std()), 3)}}
 
 
 def build_flow_assets(out_dir: str | Path, sd_dir: str | Path, cfg: FlowBuildConfig | None = None,
@@ -242,9 +243,9 @@ def build_flow_assets(out_dir: str | Path, sd_dir: str | Path, cfg: FlowBuildCon
                 trained = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
                 ema.copy_to(pipe.transformer)
                 pipe.transformer.eval()
-                point = evaluate(pipe, cfg, n=48)
-                curve.append({"step": offset + step + 1, "alignment": point["sd3_eval_alignment"]["both"],
-                              "gold": point["sd3_eval_gold"]["mean"]})
+                point = evaluate(pipe, cfg, n=48, split="val")
+                curve.append({"step": offset + step + 1, "alignment": point["sd3_val_alignment"]["both"],
+                              "gold": point["sd3_val_gold"]["mean"]})
                 log(f"EMA at step {offset + step + 1}: {curve[-1]}")
                 pipe.transformer.load_state_dict(trained)
                 pipe.transformer.train()
@@ -255,14 +256,16 @@ def build_flow_assets(out_dir: str | Path, sd_dir: str | Path, cfg: FlowBuildCon
         stats = train_transformer(pipe, mean, std, prompt_index, prompts, cfg.refine(), lambda msg: log("refine " + msg),
                                   callback=curve_recorder(cfg.refine(), cfg.steps))
         figures.update(transformer_refine_loss=stats["transformer_loss"], transformer_refine_steps=stats["transformer_steps"])
-    figures["curve_48_held_out"] = curve
+    figures["curve_48_val"] = curve
     timings["transformer"] = round(time.time() - start, 1)
     pipe.save_pretrained(str(out_dir / "sd3"), safe_serialization=True)
 
     start = time.time()
-    figures.update(evaluate(pipe, cfg))
+    figures.update(evaluate(pipe, cfg, split="val"))
+    figures.update(evaluate(pipe, cfg, split="eval"))
     timings["sample"] = round(time.time() - start, 1)
-    log(f"tiny SD3 on held-out prompts: alignment {figures['sd3_eval_alignment']} gold {figures['sd3_eval_gold']}")
+    for split, name in (("val", "validation"), ("eval", "held-out")):
+        log(f"tiny SD3 on {name} prompts: alignment {figures[f'sd3_{split}_alignment']} gold {figures[f'sd3_{split}_gold']}")
     figures["seconds"] = timings
     figures["sampler"] = {"scheduler": "FlowMatchEulerDiscreteScheduler", "shift": cfg.shift, "steps": cfg.sample_steps,
                           "guidance": cfg.guidance, "max_sequence_length": cfg.t5_tokens}
