@@ -48,7 +48,7 @@ class FlowBuildConfig:
     # A second run of the same training from the first run's EMA weights (fresh optimizer and
     # schedule), as the tiny SD's build does: shapes are learnt late, colours early.
     refine_steps: int = 3200
-    refine_lr: float = 1e-3
+    refine_lr: float = 2e-3
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     logit_mean: float = 0.0  # logit-normal noise levels, SD3's default
