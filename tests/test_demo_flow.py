@@ -94,10 +94,12 @@ def test_two_stages_of_demo_flow_on_the_shipped_model(tmp_path):
     before = picture()
     pipe.load_lora_weights(str(run / "final"))
     assert not np.allclose(before, picture())
-    # Whole: every exported layer, the feed-forward ones included, became a LoRA layer of the transformer.
+    # Whole: every exported layer became a LoRA layer of the transformer, and every kind the config targets is there.
+    import yaml
     from safetensors.torch import load_file
 
     exported = {k.split(".lora_A")[0].removeprefix("transformer.")
                 for k in load_file(run / "final" / "pytorch_lora_weights.safetensors") if ".lora_A" in k}
     loaded = {name for name, module in pipe.transformer.named_modules() if hasattr(module, "lora_A") and module.lora_A}
-    assert exported == loaded and any(name.endswith("ff.net.2") for name in loaded)
+    targets = yaml.safe_load((ROOT / "configs" / "demo_flow.yaml").read_text())["model"]["lora"]["targets"]
+    assert exported == loaded and all(any(name.endswith("." + t) for name in loaded) for t in targets)
