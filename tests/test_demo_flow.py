@@ -101,5 +101,8 @@ def test_two_stages_of_demo_flow_on_the_shipped_model(tmp_path):
     exported = {k.split(".lora_A")[0].removeprefix("transformer.")
                 for k in load_file(run / "final" / "pytorch_lora_weights.safetensors") if ".lora_A" in k}
     loaded = {name for name, module in pipe.transformer.named_modules() if hasattr(module, "lora_A") and module.lora_A}
-    targets = yaml.safe_load((ROOT / "configs" / "demo_flow.yaml").read_text())["model"]["lora"]["targets"]
+    from raft_diffusion.adapters.diffusion.families.base import MMDIT_LORA_TARGETS
+
+    lora = yaml.safe_load((ROOT / "configs" / "demo_flow.yaml").read_text())["model"]["lora"]
+    targets = lora.get("targets") or MMDIT_LORA_TARGETS
     assert exported == loaded and all(any(name.endswith("." + t) for name in loaded) for t in targets)
