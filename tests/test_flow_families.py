@@ -155,6 +155,22 @@ def test_flow_loss_is_the_diffusers_training_scripts_loss(family):
     assert drawn.min() >= 0 and drawn.max() < 1000 and drawn.float().std() > 100  # the uniform density
 
 
+def test_a_negative_logit_mean_draws_the_noisier_levels():
+    # The sign configs/demo_flow.yaml and its recipe rely on: diffusers' scripts index the schedule from
+    # its noisiest level, so logit_mean -1 trains mostly sigma above one half, +1.5 mostly below it.
+    from raft_diffusion.adapters.diffusion.objectives.flow_matching import FlowMatchingObjective
+    from raft_diffusion.adapters.diffusion.settings import FlowSettings
+
+    def sigmas(logit_mean):
+        objective = FlowMatchingObjective({"num_train_timesteps": 1000, "shift": 1.0}, FlowSettings(logit_mean=logit_mean))
+        index = objective.draw(4000, torch.Generator().manual_seed(0))
+        return objective.sigmas(index, torch.zeros(len(index))).flatten()
+
+    noisy, clean = sigmas(-1.0), sigmas(1.5)
+    assert 0.68 < noisy.median() < 0.78 and (noisy > 0.5).float().mean() > 0.8
+    assert 0.13 < clean.median() < 0.23 and (clean < 0.5).float().mean() > 0.9
+
+
 def test_save_load_resumes_bit_for_bit(tiny_flux, tmp_path):
     sections = dict(train={"grad_accum": 2, "steps_per_stage": 2}, diffusion={"flow": {"weighting_scheme": "logit_normal"}})
     torch.manual_seed(0)

@@ -58,7 +58,10 @@ class FlowSettings:
     scripts define it: velocity target ``noise - x0`` at ``x_t = (1 - sigma) x0 + sigma noise``."""
 
     weighting_scheme: str = "logit_normal"  # logit_normal | uniform | mode | cosmap | sigma_sqrt
-    logit_mean: float = 0.0  # logit_normal: mean of the normal draw
+    # logit_normal: the mean of the normal draw. As in diffusers' scripts the draw indexes the schedule
+    # from its noisiest level, so a negative mean draws mostly the noisier levels (the opposite sign of
+    # the SD3 paper's t): -1.0 puts sigma between 0.50 and 0.88 within one std at shift 1.
+    logit_mean: float = 0.0
     logit_std: float = 1.0  # logit_normal: its standard deviation
     mode_scale: float = 1.29  # mode: the scale of the mode-sampling density
     precondition: bool = False  # SD3's preconditioning: loss on x0 = x_t - sigma * v instead of v
