@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from raft_diffusion.demo import world
 
@@ -82,6 +83,11 @@ def test_two_stages_of_demo_flow_on_the_shipped_model(tmp_path):
     evals = [r for r in rows if "eval_demo_gold" in r]
     assert [e["stage"] for e in evals] == [0, 2]
     assert all(np.isfinite(e[k]) for e in evals for k in ("eval_reward", "eval_demo_gold", "eval_demo_gold_align"))
+    # The config's two reward parts, the proxy and the prompt-fidelity term, both score every candidate.
+    parts = {r["name"] for r in yaml.safe_load((ROOT / "configs" / "demo_flow.yaml").read_text())["rewards"]}
+    assert parts == {"aesthetic", "clip_score"}
+    assert all(np.isfinite(e[f"eval_reward_{p}"]) and np.isfinite(r[f"reward_{p}_mean"])
+               for e in evals for r in rows if "reward_mean" in r for p in parts)
     assert [r["train_steps"] for r in rows if "train_steps" in r] == [3, 3]
 
     pipe = StableDiffusion3Pipeline.from_pretrained(resolve("demo:sd3"), text_encoder_3=None, tokenizer_3=None)
@@ -95,7 +101,6 @@ def test_two_stages_of_demo_flow_on_the_shipped_model(tmp_path):
     pipe.load_lora_weights(str(run / "final"))
     assert not np.allclose(before, picture())
     # Whole: every exported layer became a LoRA layer of the transformer, and every kind the config targets is there.
-    import yaml
     from safetensors.torch import load_file
 
     exported = {k.split(".lora_A")[0].removeprefix("transformer.")
